@@ -130,8 +130,8 @@ class ViLBertConfig:
             problems.append("v_biattention_id and t_biattention_id must be non-empty and of equal length")
         for name, ids, layers in (("v_biattention_id", v_ids, self.v_num_hidden_layers),
                                   ("t_biattention_id", t_ids, self.num_hidden_layers)):
-            if sorted(set(ids)) != list(ids) or (ids and not 0 <= ids[0] <= ids[-1] <= layers):
-                problems.append(f"{name}={ids} must be increasing layer indices within 0..{layers}")
+            if sorted(set(ids)) != list(ids) or (ids and not 0 <= ids[0] <= ids[-1] < layers):
+                problems.append(f"{name}={ids} must be increasing layer indices below {layers}")
         for act in ("hidden_act", "v_hidden_act"):
             if getattr(self, act) not in ("gelu", "relu"):
                 problems.append(f"{act}={getattr(self, act)!r}: only 'gelu' (erf) and 'relu' are supported")

@@ -1,0 +1,50 @@
+"""Evaluate a checkpoint on RefCOCO+ splits: accuracy (chosen box IoU > 0.5), expressions, upper bound.
+
+  python eval.py --from_pretrained checkpoints/refcoco+_bert_base_6layer_6conect/best.pdparams --split all
+  python eval.py --from_pretrained save/refcoco+_bert_base_6layer_6conect-pretrained/pytorch_model_19.bin
+  python eval.py --demo --from_pretrained checkpoints/demo/best.pdparams
+
+Options default to the checkpoint's own run config (config.yaml beside it) when there is one, else to
+config/refcoco+.yml (config/demo.yml with --demo). Predictions (sent_id, ref_id, chosen box, score, IoU,
+correct) are written as JSON beside the checkpoint, one file per split.
+"""
+
+import json
+from pathlib import Path
+
+import vilbert  # noqa: F401  (sets CPU threading defaults before paddle loads)
+from vilbert.engine import evaluate
+from vilbert.options import build_parser, parse_options
+from vilbert.tokenization import BertTokenizer
+from vilbert.training import build_dataset, build_model, eval_loader, is_main_process, setup_device
+
+SPLITS = {"refcoco": ["val", "testA", "testB"], "refcoco+": ["val", "testA", "testB"], "refcocog": ["val", "test"]}
+
+
+def main(argv=None):
+    parser = build_parser(__doc__)
+    parser.add_argument("--split", default="val", help="a split name, or 'all' for every split of the dataset")
+    options, args = parse_options(parser, argv, config_beside_checkpoint=True)
+    if not options.from_pretrained:
+        parser.error("--from_pretrained CKPT is required")
+    setup_device(options)
+    splits = SPLITS.get(options.dataset, ["val"]) if args.split == "all" else [args.split]
+    tokenizer = BertTokenizer(options.bert_model)
+    model = build_model(options, options.from_pretrained)
+    checkpoint = Path(options.from_pretrained)
+    rows = []
+    for split in splits:
+        result = evaluate(model, eval_loader(build_dataset(options, split, tokenizer), options), amp=options.amp,
+                          task_id=options.task_id, show_progress=is_main_process(), desc=split)
+        if is_main_process():
+            out = checkpoint.with_name(f"{checkpoint.stem}_{options.dataset}_{split}_predictions.json")
+            out.write_text(json.dumps(result.predictions))
+            rows.append((split, result, out))
+    if is_main_process():
+        print(f"\n{'split':<8}{'accuracy':>10}{'expressions':>13}{'upper bound':>13}  predictions")
+        for split, result, out in rows:
+            print(f"{split:<8}{result.accuracy:>10.4f}{result.num_expressions:>13d}{result.upper_bound:>13.4f}  {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+import numpy as np
+import paddle
+import pytest
+
+from vilbert.config import ViLBertConfig
+from vilbert.model import BertEncoder, VILBertForVLTasks
+
+B, T, N = 2, 6, 5
+
+
+def tiny_config(**changes):
+    values = dict(vocab_size=50, hidden_size=24, num_hidden_layers=4, num_attention_heads=3, intermediate_size=32,
+                  max_position_embeddings=16, v_feature_size=12, v_hidden_size=20, v_num_hidden_layers=3,
+                  v_num_attention_heads=2, v_intermediate_size=28, bi_hidden_size=16, bi_num_attention_heads=4,
+                  v_biattention_id=[0, 2], t_biattention_id=[2, 3])
+    values.update(changes)
+    return ViLBertConfig.from_dict(values)
+
+
+def inputs(seed=0):
+    rng = np.random.default_rng(seed)
+    text_mask = np.ones((B, T), "int64")
+    text_mask[1, 4:] = 0
+    region_mask = np.ones((B, N), "int64")
+    region_mask[0, 3:] = 0
+    return dict(input_txt=paddle.to_tensor(rng.integers(1, 50, (B, T))),
+                input_imgs=paddle.to_tensor(rng.standard_normal((B, N, 12)).astype("float32")),
+                image_loc=paddle.to_tensor(rng.random((B, N, 5)).astype("float32")),
+                token_type_ids=paddle.zeros([B, T], "int64"),
+                attention_mask=paddle.to_tensor(text_mask), image_attention_mask=paddle.to_tensor(region_mask))
+
+
+@pytest.fixture(scope="module")
+def model():
+    paddle.seed(0)
+    model = VILBertForVLTasks(tiny_config())
+    model.eval()
+    return model
+
+
+def test_named_outputs_have_each_streams_shape(model):
+    out = model(**inputs())
+    assert out.vision_logit.shape == [B, N, 1]
+    assert out.sequence_output_t.shape == [B, T, 24]
+    assert out.sequence_output_v.shape == [B, N, 20]
+    assert out.pooled_output_t.shape == out.pooled_output_v.shape == [B, 16]
+
+
+def test_padded_regions_get_minus_10000_and_do_not_change_the_rest(model):
+    x = inputs()
+    out = model(**x)
+    logit = out.vision_logit.numpy()[..., 0]
+    assert (logit[0, 3:] < -9000).all() and (logit[0, :3] > -100).all()
+    changed = dict(x)
+    feats = x["input_imgs"].numpy().copy()
+    feats[0, 3:] += 100.0  # padded regions of sample 0
+    ids = x["input_txt"].numpy().copy()
+    ids[1, 4:] = 7  # padded tokens of sample 1
+    changed.update(input_imgs=paddle.to_tensor(feats), input_txt=paddle.to_tensor(ids))
+    again = model(**changed).vision_logit.numpy()[..., 0]
+    np.testing.assert_allclose(again[0, :3], logit[0, :3], atol=1e-5)
+    np.testing.assert_allclose(again[1], logit[1], atol=1e-5)
+
+
+def test_init_is_the_official_one():
+    model = VILBertForVLTasks(tiny_config(initializer_range=0.5))
+    params = dict(model.named_parameters())
+    assert abs(float(params["bert.embeddings.word_embeddings.weight"].std()) - 0.5) < 0.05
+    assert float(params["bert.encoder.layer.0.attention.self.query.bias"].abs().max()) == 0
+    assert float(params["bert.encoder.c_layer.0.biOutput.LayerNorm1.weight"].min()) == 1
+
+
+def test_parameter_names_are_the_official_ones():
+    names = set(VILBertForVLTasks(tiny_config()).state_dict())
+    assert "bert.encoder.c_layer.1.biattention.query2.weight" in names
+    assert "bert.encoder.v_layer.2.attention.output.LayerNorm.bias" in names
+    assert "bert.v_embeddings.image_location_embeddings.weight" in names
+    assert "vision_logit.weight" in names
+    assert not any("q_dense" in n or n.startswith("cls.") for n in names)
+
+
+def test_linear_weights_are_in_out():
+    params = dict(VILBertForVLTasks(tiny_config()).named_parameters())
+    assert params["bert.encoder.c_layer.0.biattention.query2.weight"].shape == [24, 16]  # text -> bi
+    assert params["bert.encoder.c_layer.0.biOutput.dense1.weight"].shape == [16, 20]  # bi -> vision
+
+
+def test_encoder_interleaves_streams_in_the_official_order(monkeypatch):
+    encoder = BertEncoder(tiny_config())
+    calls = []
+    for kind, layers in (("t", encoder.layer), ("v", encoder.v_layer), ("c", encoder.c_layer)):
+        for i, layer in enumerate(layers):
+            layer.register_forward_post_hook(lambda *_, tag=f"{kind}{i}": calls.append(tag))
+    encoder(paddle.zeros([1, 2, 24]), paddle.zeros([1, 3, 20]), paddle.zeros([1, 1, 1, 2]), paddle.zeros([1, 1, 1, 3]))
+    # t ids [2, 3], v ids [0, 2]: text 0-1 | c0 | text 2, vision 0-1 | c1 | text 3, vision 2
+    assert calls == ["t0", "t1", "c0", "t2", "v0", "v1", "c1", "t3", "v2"]
+
+
+def test_task_token_adds_one_text_position():
+    model = VILBertForVLTasks(tiny_config(task_specific_tokens=True))
+    model.eval()
+    out = model(**inputs(), task_ids=paddle.full([B, 1], 3, "int64"))
+    assert out.sequence_output_t.shape == [B, T + 1, 24]
+    assert "bert.embeddings.task_embeddings.weight" in model.state_dict()
+
+
+def test_dropout_only_in_training(model):
+    x = inputs()
+    model.train()
+    a, b = model(**x).vision_logit.numpy(), model(**x).vision_logit.numpy()
+    model.eval()
+    c, d = model(**x).vision_logit.numpy(), model(**x).vision_logit.numpy()
+    assert not np.allclose(a, b)
+    np.testing.assert_array_equal(c, d)

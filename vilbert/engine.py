@@ -1,0 +1,189 @@
+"""Batches, the training epoch and evaluation for referring expressions.
+
+The loss and score are the official ones (`vilbert/metrics.py`). Two things here differ from the official
+loop on purpose, and neither changes a number:
+- each batch is cut to the most regions and tokens any of its samples uses (`trim_padding`): padded regions
+  carry a -10000 logit and a 0 target, so they add exactly 0 to the loss and are never chosen, and padded
+  tokens are only ever masked keys;
+- evaluation counts every expression once, also over several devices (no sampler padding).
+"""
+
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Dict, List
+
+import numpy as np
+import paddle
+import paddle.distributed as dist
+from tqdm import tqdm
+
+from .metrics import rec_loss, rec_select
+
+MODEL_INPUTS = ("input_ids", "features", "spatials", "segment_ids", "input_mask", "image_mask", "co_attention_mask")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or inf; the last good checkpoint is left untouched."""
+
+
+class EpochBatchSampler(paddle.io.Sampler):
+    """Yields this rank's micro-batches of index lists, in an order fixed by (seed, epoch).
+
+    Every global batch of `global_batch` samples is split into `world_size * accumulation` equal
+    micro-batches, so N devices with accumulation see exactly the samples one device would. With more than
+    one micro-batch per global batch the shuffled order is padded by wrapping around to a multiple of their
+    count (as a distributed sampler does), so every rank runs the same number of steps.
+    """
+
+    def __init__(self, num_samples: int, global_batch: int, *, shuffle: bool, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, accumulation: int = 1):
+        self.num_samples, self.global_batch = num_samples, global_batch
+        self.shuffle, self.seed, self.rank, self.world_size = shuffle, seed, rank, world_size
+        self.parts = world_size * accumulation
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _order(self) -> np.ndarray:
+        order = (np.random.default_rng([self.seed, self.epoch]).permutation(self.num_samples) if self.shuffle
+                 else np.arange(self.num_samples))
+        padded = math.ceil(self.num_samples / self.parts) * self.parts
+        return np.resize(order, padded)  # wraps around
+
+    def __iter__(self):
+        order = self._order()
+        for start in range(0, len(order), self.global_batch):
+            chunk = order[start:start + self.global_batch]
+            micro = len(chunk) // self.parts
+            for part in range(self.rank, self.parts, self.world_size):
+                # consecutive micro-batches of one global batch go to rank 0, 1, ..., then again
+                yield chunk[part * micro:(part + 1) * micro].tolist()
+
+    def __len__(self):
+        return math.ceil(len(self._order()) / self.global_batch) * (self.parts // self.world_size)
+
+
+def trim_padding(batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """Cut regions and tokens to the largest count in the batch (valid rows always come first)."""
+    regions = max(int(batch["image_mask"].sum(1).max()), 1)
+    tokens = max(int(batch["input_mask"].sum(1).max()), 1)
+    trimmed = dict(batch)
+    for key in ("features", "spatials", "image_mask", "boxes", "target"):
+        trimmed[key] = batch[key][:, :regions]
+    for key in ("input_ids", "input_mask", "segment_ids"):
+        trimmed[key] = batch[key][:, :tokens]
+    trimmed["co_attention_mask"] = batch["co_attention_mask"][:, :regions, :tokens]
+    return trimmed
+
+
+def to_tensors(batch: Dict[str, np.ndarray]) -> Dict[str, paddle.Tensor]:
+    """Numpy batch -> tensors on the current device; float16 cached features are cast once here."""
+    tensors = {k: paddle.to_tensor(v) for k, v in batch.items() if isinstance(v, np.ndarray)}
+    tensors["features"] = tensors["features"].astype("float32")
+    return tensors
+
+
+def autocast(amp: str):
+    return paddle.amp.auto_cast(enable=amp != "off", dtype="bfloat16" if amp == "bf16" else "float16", level="O1")
+
+
+def forward(model, batch: Dict[str, paddle.Tensor], amp: str = "off", task_ids=None):
+    """Runs the model on a batch; returns (loss, vision_logit [B, N, 1] in float32)."""
+    with autocast(amp):
+        output = model(*(batch[k] for k in MODEL_INPUTS), task_ids=task_ids)
+    logit = output.vision_logit.astype("float32")
+    return rec_loss(logit, batch["target"]), logit
+
+
+def task_ids_for(batch, task_id: int, model) -> "paddle.Tensor | None":
+    """[B, 1] task-token ids for 12-in-1 models built with task tokens, else None."""
+    config = getattr(model, "config", None) or model._layers.config
+    if not config.task_specific_tokens:
+        return None
+    return paddle.full([batch["input_ids"].shape[0], 1], task_id, dtype="int64")
+
+
+def train_one_epoch(model, loader, optimizer, *, epoch: int, amp: str = "off", accumulation: int = 1,
+                    task_id: int = 0, scaler=None, show_progress: bool = True):
+    """One pass over the loader; returns (mean train loss, train accuracy) over this rank's samples."""
+    model.train()
+    total_loss, correct, seen = 0.0, 0, 0
+    bar = tqdm(loader, desc=f"Epoch {epoch}", disable=not show_progress, dynamic_ncols=True)
+    for step, numpy_batch in enumerate(bar):
+        batch = to_tensors(trim_padding(numpy_batch))
+        last_micro = (step + 1) % accumulation == 0 or step + 1 == len(loader)
+        sync = model.no_sync() if hasattr(model, "no_sync") and not last_micro else nullcontext()
+        with sync:
+            loss, logit = forward(model, batch, amp, task_ids_for(batch, task_id, model))
+            loss_value = float(loss)
+            if not math.isfinite(loss_value):
+                raise NonFiniteLossError(
+                    f"training loss is {loss_value} at epoch {epoch}, step {step} (sent_ids "
+                    f"{numpy_batch['sent_id'][:8].tolist()}...); the last good checkpoint is kept. Lower "
+                    f"--learning_rate, or try --amp off if mixed precision is on.")
+            scaled = loss / accumulation
+            (scaler.scale(scaled) if scaler else scaled).backward()
+        if last_micro:
+            if scaler:
+                scaler.step(optimizer)
+            else:
+                optimizer.step()
+            optimizer.clear_grad()
+        size = len(numpy_batch["sent_id"])
+        total_loss += loss_value * size
+        correct += int(rec_select(logit, batch["target"])[2].astype("int64").sum())
+        seen += size
+        bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.4f}")
+    return total_loss / max(seen, 1), correct / max(seen, 1)
+
+
+@dataclass
+class EvalResult:
+    accuracy: float
+    loss: float
+    num_expressions: int
+    upper_bound: float  # fraction of expressions with any candidate box at IoU > 0.5
+    predictions: List[dict]
+
+
+@paddle.no_grad()
+def evaluate(model, loader, *, amp: str = "off", task_id: int = 0, show_progress: bool = False,
+             desc: str = "eval") -> EvalResult:
+    """Accuracy = the chosen region's IoU target > 0.5 (strict), over every expression exactly once,
+    summed over all ranks when distributed."""
+    model.eval()
+    predictions, loss_sum = [], 0.0
+    for numpy_batch in tqdm(loader, desc=desc, disable=not show_progress, dynamic_ncols=True):
+        numpy_batch = trim_padding(numpy_batch)
+        batch = to_tensors(numpy_batch)
+        loss, logit = forward(model, batch, amp, task_ids_for(batch, task_id, model))
+        index, iou, correct = (t.numpy() for t in rec_select(logit, batch["target"]))
+        scores = logit.squeeze(2).numpy()
+        loss_sum += float(loss) * len(index)
+        reachable = (numpy_batch["target"][..., 0] > 0.5).any(1)
+        for i, chosen in enumerate(index):
+            predictions.append({
+                "sent_id": int(numpy_batch["sent_id"][i]), "ref_id": int(numpy_batch["ref_id"][i]),
+                "image_id": int(numpy_batch["image_id"][i]),
+                "box": [round(float(v), 2) for v in numpy_batch["boxes"][i, chosen]],
+                "region": int(chosen), "score": float(scores[i, chosen]), "iou": float(iou[i]),
+                "correct": bool(correct[i]), "reachable": bool(reachable[i]),
+            })
+    loss_sum, predictions = _gather(loss_sum, predictions)
+    n = len(predictions)
+    return EvalResult(
+        accuracy=sum(p["correct"] for p in predictions) / max(n, 1), loss=loss_sum / max(n, 1),
+        num_expressions=n, upper_bound=sum(p["reachable"] for p in predictions) / max(n, 1),
+        predictions=sorted(predictions, key=lambda p: p["sent_id"]))
+
+
+def _gather(loss_sum: float, predictions: List[dict]):
+    """All ranks' predictions and loss sums, so accuracy is exact over the whole split."""
+    if dist.get_world_size() == 1:
+        return loss_sum, predictions
+    gathered: list = []
+    dist.all_gather_object(gathered, (loss_sum, predictions))
+    return sum(g[0] for g in gathered), [p for g in gathered for p in g[1]]
+

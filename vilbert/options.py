@@ -1,0 +1,182 @@
+"""Run options: a YAML task config gives the defaults, command-line flags override them.
+
+One typed dataclass is the single source of truth: the YAML keys, the flags (`--batch_size`, named as in the
+official scripts), their types and their defaults all come from its fields. Unknown or ill-typed YAML keys are
+errors. The resolved options are written into the run directory as `config.yaml`.
+"""
+
+import argparse
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List
+
+import yaml
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_TASK_CONFIG = PROJECT_ROOT / "config" / "refcoco+.yml"
+DEMO_TASK_CONFIG = PROJECT_ROOT / "config" / "demo.yml"
+
+
+class OptionsError(ValueError):
+    """A task config or flag value that cannot be used."""
+
+
+@dataclass
+class RunOptions:
+    """Everything a run needs besides the model's own JSON config (`config_file`)."""
+
+    # data (paths relative to `dataroot` unless absolute)
+    dataset: str = "refcoco+"
+    splitBy: str = "unc"
+    dataroot: str = "data/referExpression"
+    features_h5path1: str = "refcoco+_resnet101_faster_rcnn_genome.lmdb"  # detected boxes
+    features_h5path2: str = "refcoco+_gt_resnet101_faster_rcnn_genome.lmdb"  # ground-truth boxes (train only)
+    feature_cache: bool = True  # use a decoded cache built by tools/build_feature_cache.py when present
+    train_split: str = "train"
+    val_split: str = "val"
+    max_seq_length: int = 20
+    max_region_num: int = 100
+    bert_model: str = "bert-base-uncased"  # the shipped vocab, or a path to a vocab file
+    # model
+    config_file: str = "config/bert_base_6layer_6conect.json"
+    from_pretrained: str = ""  # .bin (official), .pdparams (ours or the earlier Paddle port); empty: random init
+    task_id: int = 0  # task-token id, only for 12-in-1 models built with task_specific_tokens
+    # optimisation (vilbert_beta train_tasks.py + BertAdam)
+    batch_size: int = 256  # global, over all devices and accumulation steps
+    eval_batch_size: int = 1024
+    num_train_epochs: int = 20
+    learning_rate: float = 4e-5
+    head_learning_rate: float = 1e-4
+    head_patterns: List[str] = field(default_factory=lambda: ["vil_prediction"])
+    weight_decay: float = 0.01
+    decay_patterns: List[str] = field(default_factory=lambda: ["bias", "LayerNorm.bias", "LayerNorm.weight"])
+    warmup_proportion: float = 0.1
+    lr_milestones: List[int] = field(default_factory=lambda: [12, 16])
+    lr_gamma: float = 0.1
+    max_grad_norm: float = 1.0
+    adam_epsilon: float = 1e-6
+    gradient_accumulation_steps: int = 1
+    # running
+    seed: int = 0
+    num_workers: int = 2
+    device: str = "auto"  # auto: gpu when Paddle has CUDA, else cpu
+    amp: str = "off"  # off, bf16, fp16
+    output_dir: str = "checkpoints"
+    save_name: str = ""  # run directory name; empty: <dataset>_<config_file stem>
+    resume: str = ""  # a run's last.pdparams, or 'auto' to continue <output_dir>/<save_name> if it exists
+
+    def validate(self) -> None:
+        problems = []
+        if self.amp not in ("off", "bf16", "fp16"):
+            problems.append(f"amp={self.amp!r} must be off, bf16 or fp16")
+        for name in ("batch_size", "eval_batch_size", "num_train_epochs", "gradient_accumulation_steps",
+                     "max_seq_length", "max_region_num"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name}={getattr(self, name)} must be >= 1")
+        if self.batch_size % self.gradient_accumulation_steps:
+            problems.append(f"batch_size={self.batch_size} is not a multiple of "
+                            f"gradient_accumulation_steps={self.gradient_accumulation_steps}")
+        if not 0 <= self.warmup_proportion <= 1:
+            problems.append(f"warmup_proportion={self.warmup_proportion} must be in [0, 1]")
+        if self.num_workers < 0:
+            problems.append(f"num_workers={self.num_workers} must be >= 0")
+        if problems:
+            raise OptionsError("; ".join(problems))
+
+    def data_path(self, path: str) -> str:
+        """A data path as given if absolute or a URL, else under `dataroot`."""
+        return path if os.path.isabs(path) or "://" in path else os.path.join(self.dataroot, path)
+
+    @property
+    def run_dir(self) -> Path:
+        name = self.save_name or f"{self.dataset}_{Path(self.config_file).stem}"
+        return Path(self.output_dir) / name
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
+
+
+def load_task_config(path) -> dict:
+    """Read a task YAML and check each key and type against `RunOptions`."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise OptionsError(f"task config {path} not found (the shipped ones are in config/*.yml)") from None
+    except yaml.YAMLError as e:
+        raise OptionsError(f"task config {path} is not valid YAML: {e}") from None
+    if not isinstance(values, dict):
+        raise OptionsError(f"task config {path} must be a mapping of option: value")
+    fields = {f.name: f for f in dataclasses.fields(RunOptions)}
+    problems = [f"unknown key {k!r}" for k in values if k not in fields]
+    for key, value in values.items():
+        if key in fields and not _has_type(value, _field_type(fields[key])):
+            problems.append(f"{key}={value!r} should be {_field_type(fields[key]).__name__}")
+    if problems:
+        raise OptionsError(f"{path}: " + "; ".join(problems))
+    return {k: float(v) if _field_type(fields[k]) is float else v for k, v in values.items()}
+
+
+def build_parser(description: str) -> argparse.ArgumentParser:
+    """A parser with one flag per option; defaults are filled in by `parse_options` from the YAML."""
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--task_config", default=None,
+                        help=f"task YAML giving the defaults (default: {DEFAULT_TASK_CONFIG.relative_to(PROJECT_ROOT)})")
+    parser.add_argument("--demo", action="store_true",
+                        help="the small demo recipe (config/demo.yml) on generated data; makes it if missing")
+    for f in dataclasses.fields(RunOptions):
+        kind = _field_type(f)
+        if kind is bool:
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None)
+        elif typing.get_origin(f.type) is list:
+            parser.add_argument(f"--{f.name}", nargs="+", type=typing.get_args(f.type)[0], default=None)
+        else:
+            parser.add_argument(f"--{f.name}", type=kind, default=None)
+    return parser
+
+
+def parse_options(parser: argparse.ArgumentParser, argv=None, config_beside_checkpoint: bool = False):
+    """Returns (options, args): YAML defaults, then every flag given on the command line.
+
+    With `config_beside_checkpoint`, a `config.yaml` next to `--from_pretrained` (a run directory of ours)
+    is the YAML unless `--task_config` is given, so a checkpoint is evaluated with the options it was trained with.
+    """
+    args = parser.parse_args(argv)
+    task_config = args.task_config or (DEMO_TASK_CONFIG if args.demo else DEFAULT_TASK_CONFIG)
+    if config_beside_checkpoint and not args.task_config and args.from_pretrained:
+        beside = Path(args.from_pretrained).parent / "config.yaml"
+        if beside.exists():
+            task_config = beside
+    values = load_task_config(task_config)
+    for f in dataclasses.fields(RunOptions):
+        if getattr(args, f.name) is not None:
+            values[f.name] = getattr(args, f.name)
+    options = RunOptions(**values)
+    options.validate()
+    return options, args
+
+
+def _field_type(f: dataclasses.Field):
+    return list if typing.get_origin(f.type) is list else f.type
+
+
+def _has_type(value, expected) -> bool:
+    if expected is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, expected)
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'gpu' when this Paddle build has CUDA and sees a device, else 'cpu'."""
+    import paddle
+
+    if device == "auto":
+        return "gpu" if paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0 else "cpu"
+    return device
+

@@ -1,0 +1,212 @@
+"""What train.py and eval.py build from the options: tokenizer, datasets, loaders, model; and the fit loop.
+
+A run directory (`<output_dir>/<save_name>/`) holds everything a run writes: `config.yaml` (the resolved
+options), `metrics.jsonl` (one line per epoch), `curves.png`, `last.pdparams` (resumable: model, optimizer,
+epoch, best accuracy, options) and `best.pdparams` (model weights of the best validation epoch).
+Dropout is re-seeded from (seed, epoch, rank) at the start of every epoch, so a run resumed at an epoch
+boundary continues exactly as if it had never stopped.
+"""
+
+import dataclasses
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import paddle
+import paddle.distributed as dist
+
+from .checkpoint import load_pretrained, save_checkpoint
+from .config import ViLBertConfig
+from .dataset import ReferExpressionDataset, collate
+from .engine import EpochBatchSampler, evaluate, train_one_epoch
+from .features import open_features
+from .model import VILBertForVLTasks
+from .optimization import BertAdam, build_param_groups, describe_param_groups
+from .options import RunOptions, resolve_device
+from .tokenization import BertTokenizer
+
+
+def setup_device(options: RunOptions) -> str:
+    """Select the device and, under `paddle.distributed.launch`, join the process group."""
+    device = resolve_device(options.device)
+    paddle.set_device(device)
+    if dist.get_world_size() > 1:
+        dist.init_parallel_env()
+    return device
+
+
+def is_main_process() -> bool:
+    return dist.get_rank() == 0
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    paddle.seed(seed)
+
+
+def build_dataset(options: RunOptions, split: str, tokenizer: BertTokenizer) -> ReferExpressionDataset:
+    det = open_features(options.data_path(options.features_h5path1), cache=options.feature_cache)
+    gt = None
+    if split == options.train_split:
+        gt = open_features(options.data_path(options.features_h5path2), cache=options.feature_cache)
+    return ReferExpressionDataset(options.dataroot, split, tokenizer, det, gt, dataset=options.dataset,
+                                  splitBy=options.splitBy, max_seq_length=options.max_seq_length,
+                                  max_region_num=options.max_region_num)
+
+
+def train_loader(dataset, options: RunOptions) -> paddle.io.DataLoader:
+    """Shuffled micro-batches: global batch / (devices x accumulation) samples each."""
+    world = dist.get_world_size()
+    micro = options.batch_size // (world * options.gradient_accumulation_steps)
+    if micro < 1 or micro * world * options.gradient_accumulation_steps != options.batch_size:
+        raise ValueError(f"--batch_size {options.batch_size} cannot be split over {world} device(s) x "
+                         f"{options.gradient_accumulation_steps} accumulation steps; choose a multiple")
+    sampler = EpochBatchSampler(len(dataset), options.batch_size, shuffle=True, seed=options.seed,
+                                rank=dist.get_rank(), world_size=world,
+                                accumulation=options.gradient_accumulation_steps)
+    return paddle.io.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+                                num_workers=options.num_workers, use_shared_memory=False)
+
+
+def eval_loader(dataset, options: RunOptions) -> paddle.io.DataLoader:
+    """Every expression exactly once: rank r takes samples r, r + world, ... (no padding)."""
+    indices = list(range(dist.get_rank(), len(dataset), dist.get_world_size()))
+    batches = [indices[i:i + options.eval_batch_size] for i in range(0, len(indices), options.eval_batch_size)]
+    return paddle.io.DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
+                                num_workers=options.num_workers, use_shared_memory=False)
+
+
+def build_model(options: RunOptions, checkpoint: str = "", log=print) -> VILBertForVLTasks:
+    """The model of `config_file`, with weights from `checkpoint` (else `from_pretrained`) when given."""
+    model = VILBertForVLTasks(ViLBertConfig.from_json(options.config_file))
+    checkpoint = checkpoint or options.from_pretrained
+    if checkpoint:
+        load_pretrained(model, checkpoint)
+        log(f"Loaded weights from {checkpoint}")
+    else:
+        log("Training from random initialisation (no --from_pretrained given).")
+    return model
+
+
+def build_optimizer(model, options: RunOptions, steps_per_epoch: int) -> BertAdam:
+    groups = build_param_groups(model.named_parameters(), base_lr=options.learning_rate,
+                                head_lr=options.head_learning_rate, head_patterns=options.head_patterns,
+                                weight_decay=options.weight_decay, decay_patterns=options.decay_patterns)
+    return BertAdam(groups, warmup=options.warmup_proportion, t_total=steps_per_epoch * options.num_train_epochs,
+                    eps=options.adam_epsilon, max_grad_norm=options.max_grad_norm,
+                    milestones=options.lr_milestones, gamma=options.lr_gamma), groups
+
+
+def fit(options: RunOptions) -> dict:
+    """Fine-tune, evaluate every epoch, keep the best and the last checkpoint; returns the last metrics."""
+    device = setup_device(options)
+    main = is_main_process()
+    log = print if main else (lambda *a, **k: None)
+    seed_everything(options.seed)
+    run_dir = options.run_dir
+    tokenizer = BertTokenizer(options.bert_model)
+    train_set = build_dataset(options, options.train_split, tokenizer)
+    val_set = build_dataset(options, options.val_split, tokenizer)
+    train_batches, val_batches = train_loader(train_set, options), eval_loader(val_set, options)
+
+    resume_path = _resume_path(options)
+    model = build_model(options, checkpoint="" if resume_path else options.from_pretrained, log=log)
+    steps_per_epoch = len(train_batches) // options.gradient_accumulation_steps
+    optimizer, groups = build_optimizer(model, options, steps_per_epoch)
+    log(f"Device: {device} x {dist.get_world_size()}; {len(train_set)} train / {len(val_set)} val expressions; "
+        f"batch {options.batch_size} = {dist.get_world_size()} device(s) x "
+        f"{options.gradient_accumulation_steps} step(s) x {len(next(iter(train_batches.batch_sampler)))}; "
+        f"{steps_per_epoch} steps/epoch")
+    log(describe_param_groups(groups))
+
+    start_epoch, best = 0, {"val_accuracy": -1.0, "epoch": -1}
+    if resume_path:
+        state = paddle.load(str(resume_path))
+        model.set_state_dict(state["model"])
+        optimizer.set_state_dict(state["optimizer"])
+        start_epoch, best = state["epoch"] + 1, state["best"]
+        log(f"Resumed from {resume_path}: continuing at epoch {start_epoch}")
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_atomic(run_dir / "config.yaml", options.to_yaml())
+    network = paddle.DataParallel(model) if dist.get_world_size() > 1 else model
+
+    history = _read_history(run_dir / "metrics.jsonl", before=start_epoch) if main else []
+    metrics = {}
+    for epoch in range(start_epoch, options.num_train_epochs):
+        paddle.seed(options.seed * 100003 + epoch * 1009 + dist.get_rank())
+        train_batches.batch_sampler.set_epoch(epoch)
+        optimizer.set_epoch(epoch)
+        started = time.time()
+        train_loss, train_acc = train_one_epoch(network, train_batches, optimizer, epoch=epoch, amp=options.amp,
+                                                accumulation=options.gradient_accumulation_steps,
+                                                task_id=options.task_id, show_progress=main)
+        result = evaluate(model, val_batches, amp=options.amp, task_id=options.task_id)
+        metrics = {"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc,
+                   "val_loss": result.loss, "val_accuracy": result.accuracy, "lr": optimizer.get_lr(),
+                   "seconds": round(time.time() - started, 1)}
+        log(f"Epoch {epoch} done! Train loss: {train_loss:.5f}, Val accuracy: {result.accuracy:.4f}")
+        if not main:
+            continue
+        history.append(metrics)
+        if result.accuracy > best["val_accuracy"]:
+            best = {"val_accuracy": result.accuracy, "epoch": epoch}
+            save_checkpoint(model.state_dict(), run_dir / "best.pdparams")
+        save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                         "best": best, "options": dataclasses.asdict(options)}, run_dir / "last.pdparams")
+        _write_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in history))
+        plot_curves(history, run_dir / "curves.png")
+    log(f"Best val accuracy {best['val_accuracy']:.4f} at epoch {best['epoch']}; checkpoints in {run_dir}")
+    return metrics
+
+
+def _resume_path(options: RunOptions):
+    if not options.resume:
+        return None
+    path = options.run_dir / "last.pdparams" if options.resume == "auto" else Path(options.resume)
+    if path.exists():
+        return path
+    if options.resume == "auto":
+        return None  # nothing to resume yet: start fresh
+    raise FileNotFoundError(f"--resume {path}: no such checkpoint (use --resume auto to start fresh if none)")
+
+
+def _read_history(path: Path, before: int) -> list:
+    if not path.exists():
+        return []
+    return [m for m in map(json.loads, path.read_text().splitlines()) if m["epoch"] < before]
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def plot_curves(history: list, path: Path) -> None:
+    """Loss and accuracy per epoch, written atomically as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [m["epoch"] for m in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(epochs, [m["train_loss"] for m in history], "o-", label="train")
+    ax_loss.plot(epochs, [m["val_loss"] for m in history], "o-", label="val")
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="REC loss")
+    ax_acc.plot(epochs, [m["train_accuracy"] for m in history], "o-", label="train")
+    ax_acc.plot(epochs, [m["val_accuracy"] for m in history], "o-", label="val")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy (IoU > 0.5)", title="accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
