@@ -68,7 +68,8 @@ def test_build_param_groups_follows_beta_substring_rules():
 
 
 def test_build_param_groups_patterns_are_config_and_frozen_or_shared_params_are_left_out():
-    (_, frozen), (_, shared), (_, head) = named = _named(['bert.frozen.weight', 'bert.shared.weight', 'vision_logit.bias'])
+    named = _named(['bert.frozen.weight', 'bert.shared.weight', 'vision_logit.bias'])
+    (_, frozen), (_, shared), (_, head) = named
     frozen.stop_gradient = True
     groups = build_param_groups(named + [('cls.tied.weight', shared)], base_lr=2e-5, head_lr=1e-4,
                                 head_patterns=('vil_', 'vision_logit'), decay_patterns=())
@@ -180,6 +181,8 @@ def test_set_state_dict_rejects_foreign_state(ref):
     bad = {**state['state'][name], 'moment1': paddle.zeros([3, 3, 3])}
     with pytest.raises(ValueError, match='shape'):
         optimizer.set_state_dict({**state, 'state': {**state['state'], name: bad}})
+    with pytest.raises(ValueError, match='same betas'):
+        optimizer.set_state_dict({**state, 'moment_scales': [1.0, 1.0]})
 
 
 def test_clipping_is_per_tensor_and_leaves_small_gradients_alone():

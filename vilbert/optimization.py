@@ -3,7 +3,8 @@
 beta trains RefCOCO+ with its own ``BertAdam`` and a per-epoch ``LambdaLR``; both differ from a textbook AdamW in
 ways that change the result, so they are reproduced here exactly (model_spec.md §7.1):
 
-- no bias correction, eps 1e-6, and the weight decay sits *inside* the scheduled update ``lr * (m/(sqrt(v)+eps) + wd*p)``;
+- no bias correction, eps 1e-6, and the weight decay sits *inside* the scheduled update
+  ``lr * (m/(sqrt(v)+eps) + wd*p)``;
 - each gradient is clipped on its own to norm 1 (scale ``1/(norm+1e-6)``) before it enters the moments;
 - the warmup factor uses each parameter's update count *before* the update, so the first update has lr 0;
 - the group lr is multiplied by ``gamma ** (#milestones <= epoch)``, set once per epoch;
@@ -76,14 +77,15 @@ class BertAdam:
     ``clear_grad`` zeroes gradients in place (Paddle's default, and what beta's torch 1.0 ``zero_grad`` did), so a
     parameter that once had a gradient keeps being updated; only parameters never reached by backward are skipped.
 
-    Speed: per tensor one squared-norm kernel, one in-place scale and one fused ``adamw_`` kernel, the kernels
-    ``nn.ClipGradByGlobalNorm`` and ``paddle.optimizer.AdamW`` run. ``adamw_``'s decoupled decay
+    Speed: per tensor one squared-norm kernel, an in-place scale if clipped and one fused ``adamw_`` kernel (the
+    kernels ``nn.ClipGradByGlobalNorm`` and ``paddle.optimizer.AdamW`` run). ``adamw_``'s decoupled decay
     ``p -= lr*wd*p`` equals beta's ``lr*(update + wd*p)``, and its bias-correction inputs (``beta1_pow``,
     ``beta2_pow``, never advanced here) are used to cancel the kernel's one difference: it forms ``1 - beta`` in
     float32 (``1 - 0.999f`` is 1.3e-5 off 0.001), so its moments are ``s1*m`` and ``s2*v`` with
     ``s = (1 - float32(beta)) / (1 - beta)``; with ``beta1_pow = 1 - s1`` and ``beta2_pow = 1 - s2`` the kernel's
     step ``lr * sqrt(1-beta2_pow)/(1-beta1_pow) * s1*m / (sqrt(s2*v) + eps*sqrt(1-beta2_pow))`` is exactly beta's
-    ``lr * m / (sqrt(v) + eps)``.
+    ``lr * m / (sqrt(v) + eps)``. The kernel runs on Paddle's OpenMP threads, one unless
+    ``paddle.base.core.set_num_threads`` (or OMP_NUM_THREADS) says otherwise.
     """
 
     def __init__(self, param_groups, *, t_total, warmup=0.1, milestones=(12, 16), gamma=0.1, betas=(0.9, 0.999),
@@ -156,13 +158,14 @@ class BertAdam:
     def _clip_each(self, grads):
         """``clip_grad_norm_(p, max_norm)`` per tensor, in place: scale by ``max_norm/(norm+1e-6)`` when below 1.
 
-        The norms are gathered into one vector so the coefficient math is a few ops, not a few per tensor, and no
-        value goes to the host. Scaling by exactly 1.0 leaves an unclipped gradient bit-identical.
+        The norms are gathered into one vector, so the coefficients cost a few ops and ONE device-to-host copy
+        per step; only the gradients that need it are then scaled (by the same float32 coefficient torch uses).
         """
         norms = paddle.sqrt(paddle.concat([_C_ops.squared_l2_norm(grad).reshape([1]) for grad in grads]))
-        coefs = paddle.clip(self._max_grad_norm / (norms + 1e-6), max=1.0)
-        for grad, coef in zip(grads, paddle.unbind(coefs)):
-            grad.scale_(coef)
+        coefs = (self._max_grad_norm / (norms + 1e-6)).numpy().tolist()
+        for grad, coef in zip(grads, coefs):
+            if coef < 1.0:
+                grad.scale_(coef)
 
     def state_dict(self):
         """Everything an exact resume needs, keyed by parameter name; tensors are the live ones (save right away).
@@ -186,7 +189,7 @@ class BertAdam:
         for name, saved in state_dict['state'].items():
             entry = {'step': int(saved['step'])}
             for key in ('moment1', 'moment2'):
-                value = paddle.assign(saved[key]).astype('float32')
+                value = paddle.assign(saved[key]).astype('float32').to(params[name].place)  # a copy, on its device
                 if value.shape != params[name].shape:
                     raise ValueError(f"optimizer {key} of {name} has shape {value.shape}, "
                                      f"the parameter has {params[name].shape}")
