@@ -20,7 +20,7 @@ padded regions. Writes, under tests/data/:
   ``input/<name>`` (the 7 forward arguments); ``output/<name>`` (``vision_logit`` of the full model, the sequence
   and pooled outputs of its ``bert`` trunk); ``check/mt_vision_logit_max_abs_diff``.
 - ``official_tiny_beta_legacy.bin``: beta ``VILBertForVLTasks`` state_dict in the legacy (torch < 1.6) pickle
-  format, as the released checkpoints are.
+  format, as the released checkpoints are (its bytes change from run to run: torch keys storages by address).
 - ``official_tiny_mt_zip.bin``: the same weights in a 12-in-1 ``VILBertForVLTasks`` state_dict (its own extra
   heads random) in the zip format. Its ``vision_logit`` must equal beta's (model_spec.md: both trunks compute the
   same function); the difference is recorded in the npz.
@@ -53,11 +53,11 @@ STUBS = {"torch._six": {"inf": math.inf}, "tensorboardX": {"SummaryWriter": obje
 
 
 @contextlib.contextmanager
-def official_sources(beta_src=None, mt_src=None):
-    """Yields {"beta": dir, "mt": dir}, cloning from GitHub the ones not given."""
+def official_sources(**sources):
+    """``official_sources(beta=DIR or None, mt=...)`` yields {flavour: dir}, cloning from GitHub those given None."""
     with tempfile.TemporaryDirectory() as tmp:
         dirs = {}
-        for flavour, given in (("beta", beta_src), ("mt", mt_src)):
+        for flavour, given in sources.items():
             if given:
                 dirs[flavour] = Path(given)
             else:
@@ -151,17 +151,13 @@ def run_official(model, flavour, inputs):
 
 
 def save_atomic(path, write):
-    """Call ``write(temp_path)``, then move the temp file (same directory) onto ``path``."""
+    """Call ``write(temp_path)``, then move the temp file onto ``path``. The temp file has ``path``'s name (in a
+    temp dir beside it) because torch's zip format names its records after the file, as in real checkpoints."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".tmp-") as tmp:
+        write(Path(tmp) / path.name)
+        os.replace(Path(tmp) / path.name, path)
 
 
 def save_state_dict(model, path, legacy):
@@ -186,7 +182,7 @@ def main():
     inputs = make_inputs(json.loads(config_json), text_lengths=[7, 5, 3], region_counts=[9, 6, 4], num_tokens=7,
                          num_regions=9, seed=args.seed)
 
-    with official_sources(args.beta_src, args.mt_src) as src:
+    with official_sources(beta=args.beta_src, mt=args.mt_src) as src:
         beta = build_official(import_official(src["beta"], "beta"), args.config, args.seed)
         mt = build_official(import_official(src["mt"], "mt"), args.config, args.seed + 100)
     copy_shared_weights(beta, mt)

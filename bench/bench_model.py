@@ -1,0 +1,186 @@
+"""One RefCOCO+ training step at the full config, ours (Paddle) against the official PyTorch model, on this CPU.
+
+    python bench/bench_model.py [--beta_src DIR] [--threads 2] [--batch 8] [--warmup 2] [--steps 5]
+
+Both sides train ``config/bert_base_6layer_6conect.json`` from random init on the same batch (``--batch`` x 20
+tokens x 100 regions, some padding), in train mode, with the REC loss on ``vision_logit`` and beta's optimizer
+(ours: ``vilbert.optimization.BertAdam``; official: beta's ``BertAdam`` with one group per tensor, as its
+``train_tasks.py`` builds them). The official side is jiasenlu/vilbert_beta's ``VILBertForVLTasks``, which also
+runs its pretraining heads (MLM over the vocabulary, region classes) in every forward, as the official training
+does. ``--beta_src`` is a checkout of jiasenlu/vilbert_beta (cloned if not given; see
+tools/make_parity_reference.py). Each side runs in its own subprocess, so its peak RSS is its own, with the
+same MKL/OpenMP thread count. Ours also runs under bf16 autocast (AMP O1), as ``--amp bf16`` trains.
+
+Prints per side the median over timed steps of forward (incl. the loss), backward, optimizer step + gradient
+reset, their sum, samples/s, and peak RSS; then ours/official step time (target: <= 0.8).
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+CONFIG = REPO / "config/bert_base_6layer_6conect.json"
+NUM_TOKENS, NUM_REGIONS = 20, 100
+SIDES = ("official", "ours", "ours-bf16")
+
+
+def make_batch(batch, seed=0):
+    """Inputs in the official argument order plus a RefCOCO+ training target (IoU, 0 below 0.5 and on padding)."""
+    from tools.make_parity_reference import make_inputs
+
+    rng = np.random.default_rng(seed)
+    text_lengths = [NUM_TOKENS] + rng.integers(4, NUM_TOKENS, batch - 1).tolist()
+    region_counts = [NUM_REGIONS] + rng.integers(20, NUM_REGIONS, batch - 1).tolist()
+    inputs = make_inputs(json.loads(CONFIG.read_text()), text_lengths, region_counts, NUM_TOKENS, NUM_REGIONS, seed)
+    iou = rng.random((batch, NUM_REGIONS, 1)).astype(np.float32)
+    target = np.where(iou >= 0.5, iou, 0.0) * inputs["image_attention_mask"][..., None]
+    return inputs, target.astype(np.float32)
+
+
+def time_steps(step, warmup, steps):
+    """Runs ``step()`` -> (forward, backward, optimizer) seconds; returns the medians over the timed steps."""
+    for _ in range(warmup):
+        step()
+    timings = [step() for _ in range(steps)]
+    return [statistics.median(column) for column in zip(*timings)]
+
+
+def bench_official(args):
+    import torch
+    import torch.nn.functional as F
+
+    from tools.make_parity_reference import INPUT_NAMES, VISION_LOGIT_POSITION, import_official
+
+    torch.set_num_threads(args.threads)
+    vilbert = import_official(args.beta_src, "beta")
+    optimization = import_official(args.beta_src, "beta", "optimization")
+    torch.manual_seed(0)
+    model = vilbert.VILBertForVLTasks(vilbert.BertConfig.from_json_file(str(CONFIG)), num_labels=1).train()
+    no_decay = ("bias", "LayerNorm.bias", "LayerNorm.weight")  # beta's inverted rule: these ARE decayed
+    groups = [{"params": [param], "lr": 1e-4 if "vil_prediction" in name else 4e-5,
+               "weight_decay": 0.01 if any(pattern in name for pattern in no_decay) else 0.0}
+              for name, param in model.named_parameters()]
+    optimizer = optimization.BertAdam(groups, lr=4e-5, warmup=0.1, t_total=1000, schedule="warmup_constant")
+    inputs, target = make_batch(args.batch)
+    tensors = [torch.from_numpy(inputs[name]) for name in INPUT_NAMES]
+    target = torch.from_numpy(target)
+
+    def step():
+        start = time.perf_counter()
+        vision_logit = model(*tensors)[VISION_LOGIT_POSITION["beta"]]
+        loss = F.binary_cross_entropy_with_logits(vision_logit, target) * target.size(1)
+        float(loss)
+        forward = time.perf_counter()
+        loss.backward()
+        backward = time.perf_counter()
+        optimizer.step()
+        model.zero_grad()
+        return forward - start, backward - forward, time.perf_counter() - backward
+
+    return time_steps(step, args.warmup, args.steps)
+
+
+def bench_ours(args, amp):
+    import paddle
+
+    from tools.make_parity_reference import INPUT_NAMES
+    from vilbert import ViLBertConfig, VILBertForVLTasks
+    from vilbert.engine import autocast
+    from vilbert.metrics import rec_loss
+    from vilbert.optimization import BertAdam, build_param_groups
+
+    paddle.set_device("cpu")
+    paddle.seed(0)
+    model = VILBertForVLTasks(ViLBertConfig.from_json(CONFIG))
+    model.train()
+    groups = build_param_groups(model.named_parameters(), base_lr=4e-5, head_lr=1e-4)
+    optimizer = BertAdam(groups, t_total=1000, warmup=0.1)
+    inputs, target = make_batch(args.batch)
+    tensors = [paddle.to_tensor(inputs[name]) for name in INPUT_NAMES]
+    target = paddle.to_tensor(target)
+
+    def step():
+        start = time.perf_counter()
+        with autocast(amp):
+            vision_logit = model(*tensors).vision_logit
+        loss = rec_loss(vision_logit, target)
+        float(loss)
+        forward = time.perf_counter()
+        loss.backward()
+        backward = time.perf_counter()
+        optimizer.step()
+        optimizer.clear_grad()
+        return forward - start, backward - forward, time.perf_counter() - backward
+
+    return time_steps(step, args.warmup, args.steps)
+
+
+def run_side(args):
+    """Child process: time one side, print one JSON line."""
+    if args.side == "official":
+        forward, backward, optimizer = bench_official(args)
+    else:
+        forward, backward, optimizer = bench_ours(args, "bf16" if args.side == "ours-bf16" else "off")
+    step = forward + backward + optimizer
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    print(json.dumps({"forward": forward, "backward": backward, "optimizer": optimizer, "step": step,
+                      "samples_per_s": args.batch / step, "peak_rss_mb": peak_mb}))
+
+
+def spawn(side, args, beta_src):
+    env = dict(os.environ, MKL_NUM_THREADS=str(args.threads), MKL_DEBUG_CPU_TYPE="5")
+    if side == "official":
+        env["OMP_NUM_THREADS"] = str(args.threads)  # ours sets Paddle's OpenMP threads from MKL_NUM_THREADS
+    command = [sys.executable, __file__, "--side", side, "--beta_src", str(beta_src), "--threads", str(args.threads),
+               "--batch", str(args.batch), "--warmup", str(args.warmup), "--steps", str(args.steps)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode:
+        return {"error": (done.stderr.strip().splitlines() or ["exit code %d" % done.returncode])[-1]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--beta_src", help="checkout of jiasenlu/vilbert_beta (cloned if not given)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # set on the child processes
+    args = parser.parse_args()
+    if args.side:
+        return run_side(args)
+
+    from tools.make_parity_reference import official_sources
+
+    with official_sources(beta=args.beta_src) as src:
+        results = {side: spawn(side, args, src["beta"]) for side in SIDES}
+    print(f"one training step, batch {args.batch} x {NUM_TOKENS} tokens x {NUM_REGIONS} regions, {args.threads} "
+          f"threads, median of {args.steps} steps after {args.warmup} warm-up")
+    header = ("side", "forward s", "backward s", "optimizer s", "step s", "samples/s", "peak RSS MB")
+    rows = [header]
+    for side, r in results.items():
+        rows.append((side, "failed: " + r["error"]) if "error" in r else
+                    (side, *(f"{r[k]:.3f}" for k in ("forward", "backward", "optimizer", "step")),
+                     f"{r['samples_per_s']:.2f}", f"{r['peak_rss_mb']:.0f}"))
+    widths = [max(len(row[i]) for row in rows if len(row) > i) for i in range(len(header))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)))
+    official = results["official"].get("step")
+    for side in ("ours", "ours-bf16"):
+        if official and "step" in results[side]:
+            print(f"{side} / official step time: {results[side]['step'] / official:.2f} (target <= 0.8)")
+
+
+if __name__ == "__main__":
+    main()
