@@ -67,6 +67,16 @@ class Tensor:
                 (self.storage, self.offset, self.shape, self.stride, False, collections.OrderedDict()))
 
 
+class Parameter:
+    """What torch pickles for an nn.Parameter: _rebuild_parameter(tensor, requires_grad, hooks)."""
+
+    def __init__(self, data: Tensor):
+        self.data = data
+
+    def __reduce_ex__(self, protocol):
+        return Global("torch._utils", "_rebuild_parameter"), (self.data, True, collections.OrderedDict())
+
+
 def tensor(array, kind="FloatStorage") -> Tensor:
     array = np.asarray(array)
     return Tensor(Storage(array, kind), array.shape)
@@ -92,7 +102,7 @@ class TorchPickler(pickle._Pickler):
     dispatch[Global] = save_global_ref
 
 
-def write_torch(path, obj, legacy: bool) -> Path:
+def write_torch(path, obj, legacy: bool, byteorder: str = "little") -> Path:
     buffer = io.BytesIO()
     pickler = TorchPickler(buffer, legacy)
     pickler.dump(obj)
@@ -108,9 +118,10 @@ def write_torch(path, obj, legacy: bool) -> Path:
     else:
         with zipfile.ZipFile(path, "w") as archive:
             archive.writestr("pytorch_model/data.pkl", buffer.getvalue())
-            archive.writestr("pytorch_model/byteorder", "little")
+            archive.writestr("pytorch_model/byteorder", byteorder)
             for key, storage in storages.items():
-                archive.writestr(f"pytorch_model/data/{key}", storage.data.tobytes())
+                data = storage.data.astype(storage.data.dtype.newbyteorder("<" if byteorder == "little" else ">"))
+                archive.writestr(f"pytorch_model/data/{key}", data.tobytes())
             archive.writestr("pytorch_model/version", "3\n")
     return Path(path)
 
@@ -194,8 +205,9 @@ def source_model():
 # Reading
 
 
-@pytest.mark.parametrize("legacy", [True, False], ids=["legacy", "zip"])
-def test_reads_dtypes_views_offsets_and_shared_storages(tmp_path, legacy):
+@pytest.mark.parametrize("legacy,byteorder", [(True, "little"), (False, "little"), (False, "big")],
+                         ids=["legacy", "zip", "zip-big-endian"])
+def test_reads_dtypes_views_offsets_and_shared_storages(tmp_path, legacy, byteorder):
     rng = np.random.default_rng(0)
     base = rng.standard_normal(24).astype("float32")
     shared = Storage(base)
@@ -211,12 +223,13 @@ def test_reads_dtypes_views_offsets_and_shared_storages(tmp_path, legacy):
         ("long", tensor(np.arange(-2, 3, dtype="int64"), "LongStorage")),
         ("mask", tensor(np.array([True, False, True]), "BoolStorage")),
         ("empty", tensor(np.zeros((0, 3), "float32"))),
+        ("parameter", Parameter(tensor(np.arange(3, dtype="float32")))),
     ])
-    read = read_state_dict(write_torch(tmp_path / "f.bin", state, legacy))
+    read = read_state_dict(write_torch(tmp_path / "f.bin", state, legacy, byteorder))
     matrix = base.reshape(4, 6)
     expected = {"matrix": matrix, "transposed": matrix.T, "slice": matrix[1:3, 1::2], "scalar": np.float32(2.5),
                 "half": state["half"].storage.data, "bf16": bf16, "long": np.arange(-2, 3), "mask": [True, False, True],
-                "empty": np.zeros((0, 3), "float32")}
+                "empty": np.zeros((0, 3), "float32"), "parameter": np.arange(3, dtype="float32")}
     assert list(read) == list(expected)
     for name, value in expected.items():
         value = np.asarray(value)
@@ -245,16 +258,17 @@ def test_refuses_a_pickle_that_would_run_code(tmp_path):
     assert not marker.exists()
 
 
-def test_unwraps_training_checkpoints_and_strips_module_prefix(tmp_path, source_model):
+@pytest.mark.parametrize("wrapper", ["model_state_dict", "state_dict"])
+def test_unwraps_training_checkpoints_and_strips_module_prefix(tmp_path, source_model, wrapper):
     # 12-in-1 pytorch_ckpt_latest.tar: weights under model_state_dict, beside optimizer state and a tbLogger
     state = official_state(source_model)
-    wrapped = {"model_state_dict": collections.OrderedDict(("module." + k, v) for k, v in state.items()),
+    wrapped = {wrapper: collections.OrderedDict(("module." + k, v) for k, v in state.items()),
                "optimizer_state_dict": {"state": {0: {"exp_avg": tensor(np.ones(2, "float32"))}}},
                "tb_logger": Logger(), "epoch_id": 3}
     path = write_torch(tmp_path / "pytorch_ckpt_latest.tar", wrapped, legacy=True)
     checkpoint = read_checkpoint(path)
     assert list(checkpoint.state) == list(state)
-    assert any("'model_state_dict'" in note for note in checkpoint.notes)
+    assert f"read the weights under {wrapper!r}; ignored epoch_id, optimizer_state_dict, tb_logger" in checkpoint.notes
     assert any("'module.' prefix" in note for note in checkpoint.notes)
     model = tiny_model(seed=2)
     load_pretrained(model, path, log=lambda *_: None)
@@ -278,6 +292,27 @@ def test_truncated_or_foreign_files_are_reported_as_such(tmp_path, source_model)
     text.write_text("not a checkpoint\n")
     with pytest.raises(CheckpointError, match="not a readable PyTorch or Paddle checkpoint"):
         read_state_dict(text)
+
+
+@pytest.mark.parametrize("name", ["official_tiny_beta_legacy.bin", "official_tiny_mt_zip.bin"])
+def test_files_written_by_real_torch_read_exactly_and_load(name):
+    """Fixtures saved by the official code with torch (tools/make_parity_reference.py); weights in the npz."""
+    reference = np.load(ROOT / "tests" / "data" / "official_tiny.npz")
+    weights = {key[len("weight/"):]: reference[key] for key in reference.files if key.startswith("weight/")}
+    state = read_state_dict(ROOT / "tests" / "data" / name)
+    common = set(state) & set(weights)
+    assert len(common) >= len(weights) - 6  # the mt file has its own vil_prediction head instead of beta's
+    for key in common:
+        assert state[key].dtype == weights[key].dtype and state[key].shape == weights[key].shape, key
+        np.testing.assert_array_equal(state[key], weights[key], err_msg=key)
+    if "beta" in name:
+        assert set(state) == set(weights) and state["vil_prediction.main.0.weight_g"].shape == ()
+    model = VILBertForVLTasks(ViLBertConfig.from_dict(json.loads(str(reference["config_json"]))))
+    report = load_pretrained(model, ROOT / "tests" / "data" / name, log=lambda *_: None)
+    assert report.fresh == [] and report.problems() == []
+    for key, value in model.state_dict().items():
+        expected = weights[key].T if is_linear_weight(key) else weights[key]
+        np.testing.assert_array_equal(value.numpy(), expected, err_msg=key)
 
 
 # ----------------------------------------------------------------------------------------------------

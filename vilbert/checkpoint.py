@@ -107,8 +107,6 @@ class _StorageType:
 class _StorageRef:
     key: str
     storage_type: str
-    offset: int = 0  # elements into the root storage (legacy storage views)
-    numel: int = -1
 
 
 @dataclass
@@ -179,17 +177,15 @@ class _RestrictedUnpickler(pickle.Unpickler):
                               "only tensors and plain containers, so this file is not a checkpoint or is unsafe")
 
     def persistent_load(self, pid):
-        # ('storage', storage type, key, location, numel) [+ legacy view metadata (root key, offset, numel)]
+        # zip: ('storage', storage type, key, location, numel); legacy adds view metadata, None since torch 0.4
         if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage"
                 and isinstance(pid[1], _StorageType)):
             raise CheckpointError(f"{self.path}: unknown persistent id {pid!r} in the pickle")
-        _, storage_type, key, _location, numel = pid[:5]
-        view = pid[5] if len(pid) == 6 else None
-        root = self.storages.setdefault(str(key), _StorageRef(str(key), storage_type.name, 0, int(numel)))
-        if view is None or view[0] == key:
-            return root
-        _, offset, view_numel = view
-        return _StorageRef(root.key, root.storage_type, int(offset), int(view_numel))
+        if len(pid) == 6 and pid[5] is not None:
+            raise CheckpointError(f"{self.path}: storage views (files of torch < 0.4) are not supported; load and "
+                                  "re-save the state_dict with a newer torch")
+        key = str(pid[2])
+        return self.storages.setdefault(key, _StorageRef(key, pid[1].name))
 
 
 @dataclass
@@ -349,9 +345,7 @@ def _materialize(state: dict, read_storage) -> dict:
             ref = value.storage
             if ref.key not in cache:
                 cache[ref.key] = read_storage(ref)
-            root = cache[ref.key]
-            storage = root[ref.offset:ref.offset + ref.numel] if ref.numel >= 0 else root[ref.offset:]
-            value = _view(storage, value, key)
+            value = _view(cache[ref.key], value, key)
         arrays[key] = value
     return arrays
 
