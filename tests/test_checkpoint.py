@@ -27,7 +27,8 @@ from tools.convert_checkpoint import main as convert_main
 
 ROOT = Path(__file__).resolve().parents[1]
 CLS, HEADS, Q_DENSE = (reason for reason, _ in DROPPED)
-OFFICIAL_TABLE = Path("/work/shared/reference/official_state_dict_bert_base_6layer_6conect.tsv")
+# name / shape / numel of every entry of the official 12-in-1 VILBertForVLTasks state_dict (bert_base_6layer_6conect)
+OFFICIAL_TABLE = ROOT / "tests" / "data" / "official_state_dict_bert_base_6layer_6conect.tsv"
 TINY = dict(vocab_size=40, hidden_size=12, num_hidden_layers=3, num_attention_heads=2, intermediate_size=16,
             max_position_embeddings=10, v_feature_size=6, v_hidden_size=8, v_num_hidden_layers=2,
             v_num_attention_heads=2, v_intermediate_size=10, bi_hidden_size=8, bi_num_attention_heads=2,
@@ -319,15 +320,18 @@ def test_files_written_by_real_torch_read_exactly_and_load(name):
 # Official layout: which weights are transposed
 
 
+def full_size_model(task_tokens: bool) -> VILBertForVLTasks:
+    """The bert_base_6layer_6conect model, parameters not allocated (shapes only)."""
+    config = json.loads((ROOT / "config" / "bert_base_6layer_6conect.json").read_text())
+    with paddle.LazyGuard():
+        return VILBertForVLTasks(ViLBertConfig.from_dict({**config, "task_specific_tokens": task_tokens}))
+
+
 def official_table():
     rows = [line.split("\t") for line in OFFICIAL_TABLE.read_text().splitlines()[1:]]
     return {name: tuple(int(n) for n in shape.strip("[]").split(", ") if n) for name, shape, _ in rows}
 
 
-needs_table = pytest.mark.skipif(not OFFICIAL_TABLE.exists(), reason="official state_dict table not present")
-
-
-@needs_table
 def test_transpose_list_is_every_official_linear_weight():
     table = official_table()
     lookup_tables = {f"bert.embeddings.{t}_embeddings.weight" for t in ("word", "position", "token_type")}
@@ -342,27 +346,16 @@ def test_transpose_list_is_every_official_linear_weight():
 
 @pytest.mark.parametrize("task_tokens", [False, True])
 def test_transpose_list_is_every_linear_weight_of_the_paddle_model(task_tokens):
-    with paddle.LazyGuard():
-        model = VILBertForVLTasks(ViLBertConfig.from_dict(
-            {**json_config("config/bert_base_6layer_6conect.json"), "task_specific_tokens": task_tokens}))
-    names = set(model.state_dict())
-    assert {name for name in names if is_linear_weight(name)} == model_linear_weights(model)
+    model = full_size_model(task_tokens)
+    assert {name for name in model.state_dict() if is_linear_weight(name)} == model_linear_weights(model)
 
 
-def json_config(path):
-    return json.loads((ROOT / path).read_text())
-
-
-@needs_table
 @pytest.mark.parametrize("task_tokens", [False, True])
 def test_official_state_dict_converts_with_every_key_accounted_for(task_tokens):
     table = official_table()
     if task_tokens:  # 12-in-1 multi_task_model.bin
         table["bert.embeddings.task_embeddings.weight"] = (20, 768)
-    with paddle.LazyGuard():
-        model = VILBertForVLTasks(ViLBertConfig.from_dict(
-            {**json_config("config/bert_base_6layer_6conect.json"), "task_specific_tokens": task_tokens}))
-    shapes = {name: tuple(p.shape) for name, p in model.state_dict().items()}
+    shapes = {name: tuple(p.shape) for name, p in full_size_model(task_tokens).state_dict().items()}
     state = {name: np.broadcast_to(np.float32(0), shape) for name, shape in table.items()}  # no memory
     converted, report = convert_state_dict(state, shapes, "torch")
     assert report.problems() == [] and report.fresh == []
