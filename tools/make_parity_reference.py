@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import types
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +80,8 @@ def import_official(src, flavour, module="vilbert"):
         except ImportError:
             sys.modules[name] = types.ModuleType(name)
             vars(sys.modules[name]).update(attrs)
+    # beta's task head uses torch.nn.utils.weight_norm, which torch 2 deprecates but still runs identically
+    warnings.filterwarnings("ignore", message=r".*weight_norm.* is deprecated", category=FutureWarning)
     package = f"official_{flavour}"
     if package not in sys.modules:
         spec = importlib.util.spec_from_file_location(package, root / "__init__.py",

@@ -1,0 +1,108 @@
+"""Full-size parity: official PyTorch ViLBERT vs ours, through our converter (dev-only: needs torch).
+
+    python tools/check_parity.py [--beta_src DIR] [--mt_src DIR] [--config config/bert_base_6layer_6conect.json]
+
+The official beta and 12-in-1 ``VILBertForVLTasks`` are built from their own source (see
+tools/make_parity_reference.py for ``--*_src``) at the released config, with the official random init and
+perturbed biases and LayerNorms; 12-in-1 gets beta's weights. Their state_dicts are saved like the released
+checkpoints (beta: legacy torch format, 12-in-1: zip), each file is loaded into our Paddle model by
+``vilbert.checkpoint.load_pretrained``, and both models run in float32 on one batch (2 expressions, 20 tokens,
+100 regions, padded text and regions). Prints max |ours - official| per output and exits non-zero when
+``vision_logit`` differs by more than 1e-5 on a real region (padded regions sit at -10000 + logit, where float32
+steps by ~1e-3; there only that rounding is allowed).
+"""
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tools.make_parity_reference import (build_official, copy_shared_weights, import_official,  # noqa: E402
+                                         make_inputs, max_abs_diff, official_sources, run_official,
+                                         save_state_dict)
+
+TOLERANCE = 1e-5
+PADDED_TOLERANCE = 2 * float(np.spacing(np.float32(1e4)))
+OUTPUTS = ("vision_logit", "pooled_output_t", "pooled_output_v", "sequence_output_t", "sequence_output_v")
+
+
+def official_checkpoints(sources, config_path, inputs, out_dir, seed):
+    """Saves the two official checkpoints into ``out_dir``; returns (official outputs, {label: path})."""
+    beta = build_official(import_official(sources["beta"], "beta"), config_path, seed)
+    mt = build_official(import_official(sources["mt"], "mt"), config_path, seed + 100)
+    copy_shared_weights(beta, mt)
+    outputs = run_official(beta, "beta", inputs)
+    mt_diff = max_abs_diff(run_official(mt, "mt", inputs)["vision_logit"], outputs["vision_logit"])
+    print(f"official 12-in-1 vs beta, same weights: vision_logit max |diff| = {mt_diff:.3g}")
+    paths = {"beta, legacy .bin": Path(out_dir) / "beta_legacy.bin", "12-in-1, zip .bin": Path(out_dir) / "mt_zip.bin"}
+    save_state_dict(beta, paths["beta, legacy .bin"], legacy=True)
+    save_state_dict(mt, paths["12-in-1, zip .bin"], legacy=False)
+    return outputs, paths
+
+
+def run_ours(config_path, checkpoint, inputs):
+    import paddle
+
+    from tools.make_parity_reference import INPUT_NAMES
+    from vilbert import ViLBertConfig, VILBertForVLTasks
+    from vilbert.checkpoint import load_pretrained
+
+    model = VILBertForVLTasks(ViLBertConfig.from_json(config_path))
+    load_pretrained(model, checkpoint, log=lambda message: print("  " + message.replace("\n", "\n  ")))
+    model.eval()
+    with paddle.no_grad():
+        output = model(*(paddle.to_tensor(inputs[name]) for name in INPUT_NAMES))
+    return {name: getattr(output, name).numpy() for name in OUTPUTS}
+
+
+def differences(ours, official, region_mask):
+    real = region_mask.astype(bool)
+    logit = np.abs(ours["vision_logit"].astype(np.float64) - official["vision_logit"])[..., 0]
+    return {"vision_logit": logit[real].max(), "vision_logit (padded regions)": logit[~real].max(),
+            **{name: max_abs_diff(ours[name], official[name]) for name in OUTPUTS[1:]}}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--beta_src", help="checkout of jiasenlu/vilbert_beta (cloned if not given)")
+    parser.add_argument("--mt_src", help="checkout of facebookresearch/vilbert-multi-task (cloned if not given)")
+    parser.add_argument("--config", default=str(REPO / "config/bert_base_6layer_6conect.json"),
+                        help="model JSON (default: the official 6-layer/6-connection one; if absent, beta's copy)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    with official_sources(beta=args.beta_src, mt=args.mt_src) as sources, tempfile.TemporaryDirectory() as tmp:
+        config_path = Path(args.config)
+        if not config_path.is_file():
+            config_path = Path(sources["beta"]) / "config" / config_path.name
+        inputs = make_inputs(json.loads(config_path.read_text()), text_lengths=[20, 9], region_counts=[100, 37],
+                             num_tokens=20, num_regions=100, seed=args.seed)
+        official, checkpoints = official_checkpoints(sources, config_path, inputs, tmp, args.seed)
+        results = {}
+        for label, path in checkpoints.items():
+            print(f"ours <- {label}:")
+            results[label] = differences(run_ours(config_path, path, inputs), official,
+                                         inputs["image_attention_mask"])
+
+    print(f"\nmax |ours - official| at {config_path.name}, batch 2 x 20 tokens x 100 regions, float32")
+    names = list(next(iter(results.values())))
+    width = max(map(len, names))
+    print("output".ljust(width), *(label.rjust(18) for label in results))
+    for name in names:
+        print(name.ljust(width), *(f"{diffs[name]:18.3g}" for diffs in results.values()))
+    failed = [label for label, diffs in results.items()
+              if diffs["vision_logit"] > TOLERANCE or diffs["vision_logit (padded regions)"] > PADDED_TOLERANCE]
+    if failed:
+        print(f"FAIL: vision_logit differs by more than {TOLERANCE:g} when loading {', '.join(failed)}")
+        return 1
+    print(f"OK: vision_logit within {TOLERANCE:g} from both checkpoint formats")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
