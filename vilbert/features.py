@@ -1,0 +1,437 @@
+"""Bottom-up region features: the official LMDB files read as the official reader returns them, and a
+decoded, memory-mapped cache of the same values for speed.
+
+`ImageFeaturesReader` reads both official LMDB layouts, detected per record: vilbert_beta's (a pickled dict of
+str fields, base64 float32 `boxes`/`features`; the files behind the 72.34) and 12-in-1's (ints and float32
+numpy arrays). Where the official reader scans a list per lookup and opens LMDB once before DataLoader workers
+fork, this one keeps a dict index and opens the LMDB in each process that reads it. Records are unpickled
+with a whitelist of globals (dicts and numpy arrays only), so a downloaded file cannot run code.
+
+`FeatureCache` (built by `build_feature_cache`, CLI `tools/build_feature_cache.py`) stores what the reader
+returns, so lookups are slices of memory-mapped arrays. A float16 cache hands its features on as float16;
+the model side casts each batch to float32 once. `open_features` picks a valid cache, else the LMDB.
+"""
+
+import binascii
+import io
+import json
+import logging
+import os
+import pickle
+import struct
+import threading
+from pathlib import Path
+from typing import Dict, List, NamedTuple, Optional, Union
+
+import lmdb
+import numpy as np
+
+FEATURE_DIM = 2048  # pool5_flat of the bottom-up ResNet-101 / ResNeXt-152 detectors
+DOWNLOAD_HINT = "run `bash download_dataset.sh` (or point the features path at the LMDB folder)"
+CACHE_SUFFIX = ".cache"
+CACHE_MAGIC = b"VLBFEAT1"
+CACHE_ALIGN = 64
+
+log = logging.getLogger(__name__)
+
+
+class FeaturesError(ValueError):
+    """A features file that cannot be read: not an LMDB, incomplete, corrupt, or a stale cache."""
+
+
+class ImageNotInFeatures(KeyError):
+    """An image id the features file does not hold."""
+
+    def __str__(self):  # KeyError would show the message in quotes
+        return self.args[0]
+
+
+class RegionFeatures(NamedTuple):
+    """One image's regions; row 0 is the whole image (the official "global" region)."""
+
+    features: np.ndarray  # [n+1, 2048] float32 (float16 from a float16 cache); row 0 = mean of the n boxes
+    spatials: np.ndarray  # [n+1, 5] float32: x1/W, y1/H, x2/W, y2/H, area/(W*H); row 0 = [0, 0, 1, 1, 1]
+    boxes: np.ndarray  # [n+1, 4] float32, pixels x1y1x2y2; row 0 = [0, 0, W, H]
+    num_boxes: int  # n + 1
+    image_w: int
+    image_h: int
+
+
+def region_features(features: np.ndarray, boxes: np.ndarray, image_w: int, image_h: int) -> RegionFeatures:
+    """The official reader's output for n stored boxes, with its float32 arithmetic in its order."""
+    n = len(features)
+    out_features = np.empty((n + 1, features.shape[1]), np.float32)
+    out_features[0] = np.sum(features, axis=0) / n
+    out_features[1:] = features
+    location = np.zeros((n, 5), np.float32)
+    location[:, :4] = boxes
+    location[:, 4] = ((location[:, 3] - location[:, 1]) * (location[:, 2] - location[:, 0])
+                      / (float(image_w) * float(image_h)))
+    out_boxes = np.empty((n + 1, 4), np.float32)
+    out_boxes[0] = (0, 0, image_w, image_h)
+    out_boxes[1:] = location[:, :4]
+    location[:, 0] /= float(image_w)
+    location[:, 1] /= float(image_h)
+    location[:, 2] /= float(image_w)
+    location[:, 3] /= float(image_h)
+    spatials = np.empty((n + 1, 5), np.float32)
+    spatials[0] = (0, 0, 1, 1, 1)
+    spatials[1:] = location
+    return RegionFeatures(out_features, spatials, out_boxes, n + 1, int(image_w), int(image_h))
+
+
+def _key(image_id) -> bytes:
+    return str(image_id).encode()  # the official LMDB key
+
+
+def _check_lmdb_dir(path: str) -> None:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"region features {path} not found; {DOWNLOAD_HINT}")
+    if not os.path.isfile(os.path.join(path, "data.mdb")):
+        raise FeaturesError(f"{path} is not an LMDB folder (no data.mdb in it); {DOWNLOAD_HINT}")
+
+
+def lmdb_signature(path) -> Dict[str, int]:
+    """Size and mtime of the LMDB's data.mdb: what a cache built from it must match."""
+    path = os.fspath(path)
+    _check_lmdb_dir(path)
+    stat = os.stat(os.path.join(path, "data.mdb"))
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+_PICKLE_GLOBALS = {
+    ("collections", "OrderedDict"),  # py3 csv.DictReader rows of the beta conversion
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"),
+    ("_codecs", "encode"),  # bytes in protocol-2 pickles
+}
+_NUMPY_2 = int(np.__version__.split(".")[0]) >= 2
+
+
+class _RecordUnpickler(pickle.Unpickler):
+    """Only the globals a feature record needs; anything else is refused instead of imported."""
+
+    def find_class(self, module, name):
+        module = module.replace("numpy._core", "numpy.core")
+        if (module, name) not in _PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: not part of a feature record")
+        if _NUMPY_2 and module.startswith("numpy.core"):
+            module = "numpy._core" + module[len("numpy.core"):]
+        return super().find_class(module, name)
+
+
+def _unpickle(data: bytes, what: str):
+    try:
+        return _RecordUnpickler(io.BytesIO(data)).load()
+    except Exception as err:
+        raise FeaturesError(f"{what} is corrupt: cannot unpickle it ({type(err).__name__}: {err})") from None
+
+
+# py-lmdb refuses to open the same LMDB files twice in one process, and an environment still open when the
+# process forks stays registered in the child, which then cannot open its own (and must not use the parent's).
+# So this module keeps one environment per LMDB and process, and closes them all right before every fork
+# (DataLoader workers); the next read reopens. The lock keeps a fork from closing an environment mid-read.
+_ENVIRONMENTS: Dict[str, tuple] = {}  # realpath -> (identity of data.mdb, environment)
+_ENVIRONMENTS_LOCK = threading.Lock()
+
+
+def _lmdb_identity(path: str) -> tuple:
+    stat = os.stat(os.path.join(path, "data.mdb"))
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+def _read_lmdb(path: str, identity: tuple, key: bytes) -> Optional[bytes]:
+    """The value of `key`, from this process's environment of the LMDB folder `path` (a realpath)."""
+    with _ENVIRONMENTS_LOCK:
+        opened, env = _ENVIRONMENTS.get(path, (None, None))
+        if opened != identity:  # not open yet, or the files were replaced since
+            if env is not None:
+                env.close()
+            try:
+                env = lmdb.open(path, readonly=True, lock=False, readahead=False, meminit=False)
+            except lmdb.Error as err:
+                raise FeaturesError(f"{path} cannot be opened as an LMDB ({err}); {DOWNLOAD_HINT}") from None
+            _ENVIRONMENTS[path] = (identity, env)
+        with env.begin() as txn:
+            return txn.get(key)
+
+
+def _close_environments_before_fork() -> None:
+    _ENVIRONMENTS_LOCK.acquire()
+    for _, env in _ENVIRONMENTS.values():
+        env.close()
+    _ENVIRONMENTS.clear()
+
+
+os.register_at_fork(before=_close_environments_before_fork, after_in_parent=_ENVIRONMENTS_LOCK.release,
+                    after_in_child=_ENVIRONMENTS_LOCK.release)
+
+
+class ImageFeaturesReader:
+    """`reader[image_id] -> RegionFeatures` from an official LMDB folder (beta or 12-in-1 records)."""
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        _check_lmdb_dir(self.path)
+        self._lmdb = os.path.realpath(self.path), _lmdb_identity(self.path)
+        raw = _read_lmdb(*self._lmdb, b"keys")
+        if raw is None:
+            raise FeaturesError(
+                f"{self.path} has no b'keys' record, which the official conversion writes last: the conversion "
+                f"or download was probably interrupted; convert or download it again")
+        keys = _unpickle(raw, f"the b'keys' record of {self.path}")
+        if not isinstance(keys, list):
+            raise FeaturesError(f"the b'keys' record of {self.path} is corrupt: a {type(keys).__name__}, not a list")
+        self._keys: List[bytes] = [k.encode() if isinstance(k, str) else bytes(k) for k in keys]
+        self._key_set = frozenset(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, image_id) -> bool:
+        return _key(image_id) in self._key_set
+
+    @property
+    def image_ids(self) -> List[int]:
+        return [int(k) for k in self._keys]
+
+    def keys(self) -> List[bytes]:
+        """The raw LMDB keys, in file order (the official reader's `keys()`)."""
+        return list(self._keys)
+
+    def __getitem__(self, image_id) -> RegionFeatures:
+        key = _key(image_id)
+        if key not in self._key_set:
+            raise ImageNotInFeatures(f"image id {image_id} not in {self.path}; the features do not cover this split?")
+        raw = _read_lmdb(*self._lmdb, key)
+        what = f"the record of image id {image_id} in {self.path}"
+        if raw is None:
+            raise FeaturesError(f"{what} is listed in b'keys' but missing: the LMDB is incomplete; download it again")
+        return _decode(_unpickle(raw, what), what)
+
+
+def _decode(item, what: str) -> RegionFeatures:
+    """A beta (str + base64) or 12-in-1 (ints + arrays) record -> RegionFeatures."""
+    if not isinstance(item, dict):
+        raise FeaturesError(f"{what} is corrupt: a {type(item).__name__}, not a dict")
+    missing = [f for f in ("image_w", "image_h", "boxes", "features") if f not in item]
+    if missing:
+        raise FeaturesError(f"{what} is corrupt: no field {missing[0]!r} (fields: {sorted(item)})")
+    try:
+        image_w, image_h = int(item["image_w"]), int(item["image_h"])
+    except (TypeError, ValueError):
+        raise FeaturesError(f"{what} is corrupt: image_w/image_h {item['image_w']!r}/{item['image_h']!r} "
+                            f"are not integers") from None
+    if isinstance(item["features"], np.ndarray):  # 12-in-1: the box count is the array's
+        features = _array(item["features"], FEATURE_DIM, "features", what)
+        boxes = _array(item["boxes"], 4, "boxes", what)
+        if len(boxes) != len(features):
+            raise FeaturesError(f"{what} is corrupt: {len(boxes)} boxes but {len(features)} feature rows")
+    else:  # vilbert_beta: str fields, base64 float32 arrays of `num_boxes` rows
+        try:
+            num_boxes = int(item["num_boxes"])
+        except (KeyError, TypeError, ValueError):
+            raise FeaturesError(f"{what} is corrupt: num_boxes {item.get('num_boxes')!r} is not an integer") from None
+        features = _base64_array(item["features"], num_boxes, FEATURE_DIM, "features", what)
+        boxes = _base64_array(item["boxes"], num_boxes, 4, "boxes", what)
+    if len(features) == 0:
+        raise FeaturesError(f"{what} has no boxes (its mean feature would be NaN)")
+    if image_w <= 0 or image_h <= 0:
+        raise FeaturesError(f"{what} is corrupt: image size {image_w}x{image_h}")
+    return region_features(features, boxes, image_w, image_h)
+
+
+def _array(value, width: int, field: str, what: str) -> np.ndarray:
+    if not isinstance(value, np.ndarray) or value.size % width:
+        shape = getattr(value, "shape", type(value).__name__)
+        raise FeaturesError(f"{what} is corrupt: field {field!r} ({shape}) is not an array of rows of {width}")
+    return np.asarray(value, np.float32).reshape(-1, width)
+
+
+def _base64_array(value, rows: int, width: int, field: str, what: str) -> np.ndarray:
+    try:
+        data = binascii.a2b_base64(value)  # what base64.b64decode does, without its argument copying
+    except (binascii.Error, TypeError, ValueError) as err:
+        raise FeaturesError(f"{what} is corrupt: field {field!r} is not base64 ({err})") from None
+    if len(data) != rows * width * 4:
+        raise FeaturesError(f"{what} is corrupt or truncated: field {field!r} holds {len(data)} bytes, expected "
+                            f"{rows} x {width} float32 = {rows * width * 4}")
+    return np.frombuffer(data, np.float32).reshape(rows, width)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Decoded cache: one file, written atomically.
+#   [magic 8 B][header offset u64][header length u64][pad to 64]
+#   features [rows, 2048] (float32 or float16) | spatials [rows, 5] f32 | boxes [rows, 4] f32 |
+#   index [images, 4] int64 (first row, row count, image_w, image_h)      (each array 64-byte aligned)
+#   header: JSON {version, source signature, keys, arrays: {name: [offset, dtype, shape]}}
+# ---------------------------------------------------------------------------------------------------------
+CACHE_VERSION = 1
+
+
+def default_cache_path(lmdb_path) -> Path:
+    """Where `build_feature_cache` writes and `open_features` looks: next to the LMDB folder."""
+    return Path(os.path.normpath(os.fspath(lmdb_path)) + CACHE_SUFFIX)
+
+
+def build_feature_cache(lmdb_path, out=None, *, float16: bool = False, progress: bool = True) -> Path:
+    """Decode every record of the LMDB once into a cache file; returns its path."""
+    from tqdm import tqdm
+
+    reader = ImageFeaturesReader(lmdb_path)
+    signature = lmdb_signature(lmdb_path)
+    out = Path(out) if out else default_cache_path(lmdb_path)
+    dtype = np.dtype(np.float16 if float16 else np.float32)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    index, spatials, boxes, rows = [], [], [], 0
+    try:
+        with open(tmp, "wb") as f:
+            f.write(b"\0" * CACHE_ALIGN)
+            for key in tqdm(reader.keys(), desc=f"Caching {os.path.basename(reader.path)}", disable=not progress):
+                region = reader[key.decode()]
+                with np.errstate(over="ignore"):  # checked just below
+                    features = region.features.astype(dtype)
+                if float16 and not np.isfinite(features).all():
+                    raise FeaturesError(f"image id {key.decode()} has features beyond the float16 range; "
+                                        f"build the cache without --float16")
+                f.write(features.tobytes())
+                spatials.append(region.spatials)
+                boxes.append(region.boxes)
+                index.append((rows, region.num_boxes, region.image_w, region.image_h))
+                rows += region.num_boxes
+            arrays = {"features": [CACHE_ALIGN, dtype.str, [rows, FEATURE_DIM]]}
+            for name, array in (("spatials", np.concatenate(spatials)), ("boxes", np.concatenate(boxes)),
+                                ("index", np.asarray(index, np.int64).reshape(-1, 4))):
+                f.write(b"\0" * (-f.tell() % CACHE_ALIGN))
+                arrays[name] = [f.tell(), array.dtype.str, list(array.shape)]
+                f.write(np.ascontiguousarray(array).tobytes())
+            header = json.dumps({"version": CACHE_VERSION, "source": signature, "source_path": reader.path,
+                                 "keys": [k.decode() for k in reader.keys()], "arrays": arrays}).encode()
+            header_offset = f.tell()
+            f.write(header)
+            f.seek(0)
+            f.write(CACHE_MAGIC + struct.pack("<QQ", header_offset, len(header)))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return out
+
+
+class FeatureCache:
+    """`cache[image_id] -> RegionFeatures` from a cache file; the same interface as `ImageFeaturesReader`.
+
+    With `source` (the LMDB folder it was built from), a cache whose source has changed since is refused.
+    """
+
+    def __init__(self, path, source=None):
+        self.path = os.fspath(path)
+        rebuild = f"delete it or rebuild it: python tools/build_feature_cache.py {source or 'LMDB_DIR'}"
+        header = self._read_header(rebuild)
+        if source is not None and header["source"] != lmdb_signature(source):
+            raise FeaturesError(f"feature cache {self.path} is stale: {source} changed since it was built "
+                                f"(data.mdb size/mtime {header['source']} vs now {lmdb_signature(source)}); {rebuild}")
+        self._keys = [k.encode() for k in header["keys"]]
+        self._arrays_spec = header["arrays"]
+        self._positions = {k: i for i, k in enumerate(self._keys)}
+        self._index = self._map("index").copy()
+        if len(self._index) != len(self._keys):
+            raise FeaturesError(f"feature cache {self.path} is corrupt: {len(self._index)} index rows for "
+                                f"{len(self._keys)} keys; {rebuild}")
+        self.dtype = np.dtype(self._arrays_spec["features"][1])
+        self._pid, self._mapped = None, None
+
+    def _read_header(self, rebuild: str) -> dict:
+        size = os.path.getsize(self.path)
+        with open(self.path, "rb") as f:
+            preamble = f.read(24)
+            if len(preamble) < 24 or preamble[:8] != CACHE_MAGIC:
+                raise FeaturesError(f"{self.path} is not a feature cache of this version (bad magic); {rebuild}")
+            offset, length = struct.unpack("<QQ", preamble[8:])
+            if offset + length != size:
+                raise FeaturesError(f"feature cache {self.path} is truncated or corrupt "
+                                    f"({size} bytes, header says {offset + length}); {rebuild}")
+            f.seek(offset)
+            try:
+                header = json.loads(f.read(length))
+            except ValueError:
+                raise FeaturesError(f"feature cache {self.path} has a corrupt header; {rebuild}") from None
+        if header.get("version") != CACHE_VERSION:
+            raise FeaturesError(f"feature cache {self.path} has version {header.get('version')}, "
+                                f"this code reads {CACHE_VERSION}; {rebuild}")
+        for name, (start, dtype, shape) in header["arrays"].items():
+            if start + np.dtype(dtype).itemsize * int(np.prod(shape)) > offset:
+                raise FeaturesError(f"feature cache {self.path} is corrupt: array {name} overruns the file; {rebuild}")
+        return header
+
+    def _map(self, name: str) -> np.ndarray:
+        start, dtype, shape = self._arrays_spec[name]
+        if 0 in shape:
+            return np.empty(shape, dtype)
+        return np.memmap(self.path, dtype=dtype, mode="r", offset=start, shape=tuple(shape))
+
+    def _arrays(self):
+        """This process's memory maps (re-opened after fork or unpickling, never pickled)."""
+        if self._pid != os.getpid():
+            self._mapped = tuple(self._map(name) for name in ("features", "spatials", "boxes"))
+            self._pid = os.getpid()
+        return self._mapped
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_pid"], state["_mapped"] = None, None
+        return state
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, image_id) -> bool:
+        return _key(image_id) in self._positions
+
+    @property
+    def image_ids(self) -> List[int]:
+        return [int(k) for k in self._keys]
+
+    def keys(self) -> List[bytes]:
+        return list(self._keys)
+
+    def __getitem__(self, image_id) -> RegionFeatures:
+        position = self._positions.get(_key(image_id))
+        if position is None:
+            raise ImageNotInFeatures(f"image id {image_id} not in {self.path}; the features do not cover this split?")
+        start, count, image_w, image_h = self._index[position].tolist()
+        features, spatials, boxes = self._arrays()
+        rows = slice(start, start + count)
+        return RegionFeatures(features[rows], spatials[rows], boxes[rows], count, image_w, image_h)
+
+
+FeatureReader = Union[ImageFeaturesReader, FeatureCache]
+
+
+def open_features(path, cache: Union[bool, str, os.PathLike, None] = True) -> FeatureReader:
+    """The features of the LMDB folder `path`: from a valid decoded cache when there is one, else the LMDB.
+
+    cache=True looks for the cache next to the LMDB (`<path>.cache`) and falls back to the LMDB, with a
+    warning if that cache is stale or corrupt; a cache path given explicitly must exist and be valid;
+    cache=False or None always reads the LMDB.
+    """
+    path = os.fspath(path)
+    if not cache:
+        return ImageFeaturesReader(path)
+    explicit = cache is not True
+    cache_path = os.fspath(cache) if explicit else str(default_cache_path(path))
+    if not os.path.exists(cache_path):
+        if explicit:
+            raise FileNotFoundError(f"feature cache {cache_path} not found; build it with "
+                                    f"`python tools/build_feature_cache.py {path} --out {cache_path}`")
+        return ImageFeaturesReader(path)
+    try:
+        return FeatureCache(cache_path, source=path)
+    except FeaturesError as err:
+        if explicit:
+            raise
+        log.warning("%s. Reading the LMDB instead.", err)
+        return ImageFeaturesReader(path)
