@@ -1,0 +1,224 @@
+"""RefCOCO+ referring expressions, served as the official vilbert_beta `ReferExpressionDataset` serves them.
+
+One sample per sentence of `REFER.getRefIds(split=split)`; the caption is the sentence's `raw` text.
+- Text, beta style (the run behind the paper's 72.34): `[CLS] + wordpieces + [SEP]`, then cut to
+  `max_seq_length`, so an expression of more than T-2 wordpieces loses its [SEP] (12-in-1 cuts the
+  wordpieces to T-2 first). Right-padded with 0; segment ids 0; input mask 1 on tokens.
+- Regions: the detected boxes (whole-image row first); for the train split, followed by the referred
+  objects' ground-truth boxes (without the gt file's whole-image row), cut to `max_region_num`.
+- Target: the IoU ("+1" pixel convention) of every region with the referred box; in train, values below 0.5
+  are zeroed. Padding rows are zero and masked out by `image_mask`.
+
+The tokenized entries of a split are cached under `cache_dir` in a file whose name carries a hash of
+everything they depend on (vocab, lengths, tokenization style, annotation files), so a stale cache is never
+read, unlike the official `<task>_<split>_<T>_<R>.pkl`. With a valid cache the annotations are not parsed.
+"""
+
+import functools
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+import paddle
+
+from pyutils.refer import REFER
+
+from .features import FeatureReader
+from .tokenization import BertTokenizer
+
+TOKENIZATION = "beta"  # [CLS] + pieces + [SEP], then cut: see tokenize_expression
+ENTRIES_FORMAT = 1  # bump when the cached entry arrays change
+_ENTRY_ARRAYS = ("caption", "sent_id", "ref_id", "image_id", "ref_box", "input_ids", "length")
+
+log = logging.getLogger(__name__)
+
+
+def iou_plus_one(boxes: np.ndarray, ref_box) -> np.ndarray:
+    """IoU [N] of x1y1x2y2 boxes [N, 4] with one box [4], boxes counted as inclusive pixel ranges (+1).
+
+    Float32 arithmetic in the official order (`iou()` of the official dataset files), so the targets and
+    the 0.5 decisions match the official ones exactly.
+    """
+    boxes = np.asarray(boxes, np.float32)
+    ref = np.asarray(ref_box, np.float32)
+    one = np.float32(1)
+    ref_area = (ref[2] - ref[0] + one) * (ref[3] - ref[1] + one)
+    areas = (boxes[:, 2] - boxes[:, 0] + one) * (boxes[:, 3] - boxes[:, 1] + one)
+    iw = np.maximum(np.minimum(boxes[:, 2], ref[2]) - np.maximum(boxes[:, 0], ref[0]) + one, 0)
+    ih = np.maximum(np.minimum(boxes[:, 3], ref[3]) - np.maximum(boxes[:, 1], ref[1]) + one, 0)
+    inter = iw * ih
+    return inter / (areas + ref_area - inter)
+
+
+def tokenize_expression(tokenizer: BertTokenizer, caption: str, max_seq_length: int) -> List[int]:
+    """Token ids, beta style: [CLS] + wordpieces + [SEP] cut to max_seq_length (not padded)."""
+    ids = [tokenizer.cls_token_id] + tokenizer.encode(caption) + [tokenizer.sep_token_id]
+    return ids[:max_seq_length]
+
+
+def collate(batch: List[Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
+    """Samples -> one dict of stacked numpy arrays (for `paddle.io.DataLoader(collate_fn=collate)`)."""
+    return {key: np.stack([sample[key] for sample in batch]) for key in batch[0]}
+
+
+class ReferExpressionDataset(paddle.io.Dataset):
+    """Samples of one split; see the module docstring for what each holds.
+
+    det_features / gt_features are readers from `vilbert.features` (`open_features`) of the detected-box and
+    ground-truth-box LMDBs; the ground-truth boxes are mixed in for the train split only, where they are
+    required. `sample[...]`: features [R, 2048] (float32, or float16 from a float16 cache), spatials [R, 5],
+    image_mask [R], boxes [R, 4] (pixels x1y1x2y2), target [R, 1], input_ids / input_mask / segment_ids [T],
+    co_attention_mask [R, T] (zeros, as official), sent_id / ref_id / image_id (scalars).
+    """
+
+    def __init__(self, dataroot, split: str, tokenizer: BertTokenizer, det_features: FeatureReader,
+                 gt_features: FeatureReader = None, *, dataset: str = "refcoco+", splitBy: str = "unc",
+                 max_seq_length: int = 20, max_region_num: int = 100, cache_dir=None):
+        if max_seq_length < 2 or max_region_num < 1:
+            raise ValueError(f"need max_seq_length >= 2 and max_region_num >= 1, got {max_seq_length}, "
+                             f"{max_region_num}")
+        self.dataroot, self.split, self.dataset, self.splitBy = str(dataroot), split, dataset, splitBy
+        self.max_seq_length, self.max_region_num = max_seq_length, max_region_num
+        self.mixes_gt = split == "train"  # the official test: gt boxes join the candidates in training only
+        if self.mixes_gt and gt_features is None:
+            raise ValueError(f"split {split!r} mixes in the ground-truth boxes: pass gt_features, the reader of "
+                             f"the {dataset}_gt_..._genome.lmdb features (see vilbert.features.open_features)")
+        self.det_features = det_features
+        self.gt_features = gt_features if self.mixes_gt else None
+        self.cache_path = self._cache_path(tokenizer, cache_dir)
+        arrays = self._load_cache() or self._build(tokenizer)
+        self._captions = arrays["caption"].tolist()
+        self._sent_id, self._ref_id = arrays["sent_id"], arrays["ref_id"]
+        self._image_id, self._ref_box, self._input_ids = arrays["image_id"], arrays["ref_box"], arrays["input_ids"]
+        self._input_mask = (np.arange(max_seq_length) < arrays["length"][:, None]).astype(np.int64)
+        self._check_features()
+
+    # ---- entries and their cache ------------------------------------------------------------------------
+    def _annotation_files(self) -> List[Path]:
+        folder = Path(self.dataroot) / self.dataset
+        files = [folder / f"refs({self.splitBy}).p", folder / "instances.json"]
+        for path in files:
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} not found: the {self.dataset} annotations are missing from "
+                                        f"{self.dataroot}; run `bash download_dataset.sh`")
+        return files
+
+    def _cache_path(self, tokenizer: BertTokenizer, cache_dir) -> Path:
+        stats = [(path.name, path.stat().st_size, path.stat().st_mtime_ns) for path in self._annotation_files()]
+        key = json.dumps({"format": ENTRIES_FORMAT, "tokenization": TOKENIZATION,
+                          "vocab_sha256": tokenizer.vocab_sha256, "do_lower_case": tokenizer.do_lower_case,
+                          "max_seq_length": self.max_seq_length, "max_region_num": self.max_region_num,
+                          "dataset": self.dataset, "splitBy": self.splitBy, "split": self.split,
+                          "annotations": stats}, sort_keys=True)
+        digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+        folder = Path(cache_dir) if cache_dir else Path(self.dataroot) / "cache"
+        return folder / f"{self.dataset}_{self.split}_{self.max_seq_length}_{self.max_region_num}_{digest}.npz"
+
+    def _load_cache(self):
+        if not self.cache_path.is_file():
+            return None
+        try:
+            with np.load(self.cache_path, allow_pickle=False) as data:
+                arrays = {name: data[name] for name in _ENTRY_ARRAYS}
+            count = len(arrays["sent_id"])
+            if (any(len(a) != count for a in arrays.values())
+                    or arrays["input_ids"].shape[1:] != (self.max_seq_length,)):
+                raise ValueError("inconsistent array shapes")
+            return arrays
+        except Exception as err:  # any unreadable cache is rebuilt, never trusted
+            log.warning("Rebuilding the entries cache %s: it is unreadable (%s)", self.cache_path, err)
+            return None
+
+    def _build(self, tokenizer: BertTokenizer) -> Dict[str, np.ndarray]:
+        """Entries from the annotations, tokenized and padded, then written to the cache atomically."""
+        refer = REFER(self.dataroot, dataset=self.dataset, splitBy=self.splitBy)
+        refs = refer.loadRefs(refer.getRefIds(split=self.split))
+        rows = []
+        for ref in refs:
+            x, y, w, h = refer.getRefBox(ref["ref_id"])
+            ref_box = [x, y, x + w, y + h]  # no -1, as official
+            for sent, sent_id in zip(ref["sentences"], ref["sent_ids"]):
+                rows.append((sent["raw"], sent_id, ref["ref_id"], ref["image_id"], ref_box))
+        if not rows:
+            raise ValueError(f"split {self.split!r} of {self.dataset} ({self.splitBy}) in {self.dataroot} holds no "
+                             f"referring expressions")
+        tokens = [tokenize_expression(tokenizer, row[0], self.max_seq_length) for row in rows]
+        input_ids = np.full((len(rows), self.max_seq_length), tokenizer.pad_token_id, np.int64)
+        for i, ids in enumerate(tokens):
+            input_ids[i, :len(ids)] = ids
+        captions, sent_ids, ref_ids, image_ids, ref_boxes = zip(*rows)
+        arrays = {"caption": np.array(captions, dtype=str), "sent_id": np.array(sent_ids, np.int64),
+                  "ref_id": np.array(ref_ids, np.int64), "image_id": np.array(image_ids, np.int64),
+                  "ref_box": np.array(ref_boxes, np.float64), "input_ids": input_ids,
+                  "length": np.array([len(ids) for ids in tokens], np.int64)}
+        self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.cache_path.with_name(f"{self.cache_path.name}.tmp-{os.getpid()}")
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, self.cache_path)
+        return arrays
+
+    def _check_features(self) -> None:
+        """Every image of the split must be in the features: one error naming what is missing."""
+        image_ids = np.unique(self._image_id).tolist()
+        readers = [("detected-box", self.det_features)] + ([("ground-truth-box", self.gt_features)]
+                                                           if self.mixes_gt else [])
+        for name, reader in readers:
+            missing = [image_id for image_id in image_ids if image_id not in reader]
+            if missing:
+                shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
+                raise ValueError(f"{len(missing)} of the {len(image_ids)} images of split {self.split!r} are missing "
+                                 f"from the {name} features {reader.path} (image ids {shown}); do the features "
+                                 f"belong to {self.dataset}, and did their download finish?")
+
+    @functools.cached_property
+    def entries(self) -> List[dict]:
+        """Per sample: caption, sent_id, ref_id, image_id, ref_box (pixels x1y1x2y2 = REFER box [x, y, x+w, y+h])."""
+        return [{"caption": caption, "sent_id": int(sent_id), "ref_id": int(ref_id), "image_id": int(image_id),
+                 "ref_box": ref_box.tolist()}
+                for caption, sent_id, ref_id, image_id, ref_box in
+                zip(self._captions, self._sent_id, self._ref_id, self._image_id, self._ref_box)]
+
+    # ---- samples ----------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._sent_id)
+
+    def __getitem__(self, index: int) -> Dict[str, np.ndarray]:
+        regions, tokens = self.max_region_num, self.max_seq_length
+        image_id = self._image_id[index]
+        det = self.det_features[image_id]
+        gt = self.gt_features[image_id] if self.mixes_gt else None
+        dtype = det.features.dtype if gt is None else np.result_type(det.features.dtype, gt.features.dtype)
+        features = np.zeros((regions, det.features.shape[1]), dtype)
+        spatials = np.zeros((regions, 5), np.float32)
+        boxes = np.zeros((regions, 4), np.float32)
+        num_det = min(det.num_boxes, regions)
+        features[:num_det], spatials[:num_det], boxes[:num_det] = (
+            det.features[:num_det], det.spatials[:num_det], det.boxes[:num_det])
+        num_regions = num_det
+        if gt is not None:  # gt rows after all detections, without gt row 0: min(n + gn - 1, R) rows in all
+            num_gt = min(gt.num_boxes - 1, regions - num_det)
+            rows = slice(num_det, num_det + num_gt)
+            features[rows], spatials[rows], boxes[rows] = (
+                gt.features[1:1 + num_gt], gt.spatials[1:1 + num_gt], gt.boxes[1:1 + num_gt])
+            num_regions += num_gt
+        target = np.zeros((regions, 1), np.float32)
+        # IoU of the kept rows only: the same as 12-in-1's `target[:mix_num] = mix_target[:mix_num]`; beta
+        # assigns the uncut mix_target and would crash when rows are cut.
+        iou = iou_plus_one(boxes[:num_regions], self._ref_box[index])
+        if self.mixes_gt:
+            iou[iou < 0.5] = 0
+        target[:num_regions, 0] = iou
+        image_mask = np.zeros(regions, np.int64)
+        image_mask[:num_regions] = 1
+        return {
+            "features": features, "spatials": spatials, "image_mask": image_mask, "boxes": boxes,
+            "target": target, "input_ids": self._input_ids[index].copy(),
+            "input_mask": self._input_mask[index].copy(), "segment_ids": np.zeros(tokens, np.int64),
+            "co_attention_mask": np.zeros((regions, tokens), np.float32),
+            "sent_id": self._sent_id[index], "ref_id": self._ref_id[index], "image_id": image_id,
+        }
