@@ -65,7 +65,7 @@ class EpochBatchSampler(paddle.io.Sampler):
         return math.ceil(len(self._order()) / self.global_batch) * (self.parts // self.world_size)
 
 
-def trim_padding(batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+def trim_padding(batch: Dict[str, paddle.Tensor]) -> Dict[str, paddle.Tensor]:
     """Cut regions and tokens to the largest count in the batch (valid rows always come first)."""
     regions = max(int(batch["image_mask"].sum(1).max()), 1)
     tokens = max(int(batch["input_mask"].sum(1).max()), 1)
@@ -78,11 +78,12 @@ def trim_padding(batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
     return trimmed
 
 
-def to_tensors(batch: Dict[str, np.ndarray]) -> Dict[str, paddle.Tensor]:
-    """Numpy batch -> tensors on the current device; float16 cached features are cast once here."""
-    tensors = {k: paddle.to_tensor(v) for k, v in batch.items() if isinstance(v, np.ndarray)}
-    tensors["features"] = tensors["features"].astype("float32")
-    return tensors
+def prepare(batch: Dict[str, paddle.Tensor]) -> Dict[str, paddle.Tensor]:
+    """A loader batch, trimmed, on the current device; float16 cached features are cast once here."""
+    on_gpu = paddle.device.get_device().startswith("gpu")
+    batch = {k: v.cuda() if on_gpu and not v.place.is_gpu_place() else v for k, v in trim_padding(batch).items()}
+    batch["features"] = batch["features"].astype("float32")
+    return batch
 
 
 def autocast(amp: str):
@@ -111,8 +112,8 @@ def train_one_epoch(model, loader, optimizer, *, epoch: int, amp: str = "off", a
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
     bar = tqdm(loader, desc=f"Epoch {epoch}", disable=not show_progress, dynamic_ncols=True)
-    for step, numpy_batch in enumerate(bar):
-        batch = to_tensors(trim_padding(numpy_batch))
+    for step, batch in enumerate(bar):
+        batch = prepare(batch)
         last_micro = (step + 1) % accumulation == 0 or step + 1 == len(loader)
         sync = model.no_sync() if hasattr(model, "no_sync") and not last_micro else nullcontext()
         with sync:
@@ -121,7 +122,7 @@ def train_one_epoch(model, loader, optimizer, *, epoch: int, amp: str = "off", a
             if not math.isfinite(loss_value):
                 raise NonFiniteLossError(
                     f"training loss is {loss_value} at epoch {epoch}, step {step} (sent_ids "
-                    f"{numpy_batch['sent_id'][:8].tolist()}...); the last good checkpoint is kept. Lower "
+                    f"{batch['sent_id'][:8].tolist()}...); the last good checkpoint is kept. Lower "
                     f"--learning_rate, or try --amp off if mixed precision is on.")
             scaled = loss / accumulation
             (scaler.scale(scaled) if scaler else scaled).backward()
@@ -131,7 +132,7 @@ def train_one_epoch(model, loader, optimizer, *, epoch: int, amp: str = "off", a
             else:
                 optimizer.step()
             optimizer.clear_grad()
-        size = len(numpy_batch["sent_id"])
+        size = batch["sent_id"].shape[0]
         total_loss += loss_value * size
         correct += int(rec_select(logit, batch["target"])[2].astype("int64").sum())
         seen += size
@@ -155,19 +156,18 @@ def evaluate(model, loader, *, amp: str = "off", task_id: int = 0, show_progress
     summed over all ranks when distributed."""
     model.eval()
     predictions, loss_sum = [], 0.0
-    for numpy_batch in tqdm(loader, desc=desc, disable=not show_progress, dynamic_ncols=True):
-        numpy_batch = trim_padding(numpy_batch)
-        batch = to_tensors(numpy_batch)
+    for batch in tqdm(loader, desc=desc, disable=not show_progress, dynamic_ncols=True):
+        batch = prepare(batch)
         loss, logit = forward(model, batch, amp, task_ids_for(batch, task_id, model))
         index, iou, correct = (t.numpy() for t in rec_select(logit, batch["target"]))
         scores = logit.squeeze(2).numpy()
         loss_sum += float(loss) * len(index)
-        reachable = (numpy_batch["target"][..., 0] > 0.5).any(1)
+        reachable = (batch["target"].squeeze(2) > 0.5).any(1).numpy()
+        ids = {k: batch[k].numpy() for k in ("sent_id", "ref_id", "image_id", "boxes")}
         for i, chosen in enumerate(index):
             predictions.append({
-                "sent_id": int(numpy_batch["sent_id"][i]), "ref_id": int(numpy_batch["ref_id"][i]),
-                "image_id": int(numpy_batch["image_id"][i]),
-                "box": [round(float(v), 2) for v in numpy_batch["boxes"][i, chosen]],
+                "sent_id": int(ids["sent_id"][i]), "ref_id": int(ids["ref_id"][i]),
+                "image_id": int(ids["image_id"][i]), "box": [round(float(v), 2) for v in ids["boxes"][i, chosen]],
                 "region": int(chosen), "score": float(scores[i, chosen]), "iou": float(iou[i]),
                 "correct": bool(correct[i]), "reachable": bool(reachable[i]),
             })
