@@ -6,24 +6,40 @@
 
 Options default to the checkpoint's own run config (config.yaml beside it) when there is one, else to
 config/refcoco+.yml (config/demo.yml with --demo). Predictions (sent_id, ref_id, chosen box, score, IoU,
-correct) are written as JSON beside the checkpoint, one file per split.
+correct) are written as JSON beside the checkpoint, one file per split; `--draw N` also draws the first N
+expressions of each split (chosen box green, runners-up orange, referred box dashed red) into a folder there.
 """
 
 import json
 from pathlib import Path
 
 import vilbert  # noqa: F401  (sets CPU threading defaults before paddle loads)
-from vilbert.engine import evaluate
+from vilbert.dataset import tokenize_expression
+from vilbert.engine import evaluate, score_regions
 from vilbert.options import build_parser, parse_options
 from vilbert.tokenization import BertTokenizer
 from vilbert.training import build_dataset, build_model, eval_loader, is_main_process, setup_device
+from vilbert.visualize import draw_prediction
 
 SPLITS = {"refcoco": ["val", "testA", "testB"], "refcoco+": ["val", "testA", "testB"], "refcocog": ["val", "test"]}
+
+
+def draw_first(model, dataset, tokenizer, options, count: int, folder: Path) -> None:
+    folder.mkdir(exist_ok=True)
+    for entry in dataset.entries[:count]:
+        regions = dataset.det_features[entry["image_id"]]
+        input_ids = tokenize_expression(tokenizer, entry["caption"], options.max_seq_length)
+        scores, boxes = score_regions(model, regions, input_ids, options.max_region_num, options.task_id)
+        draw_prediction(folder / f"sent_{entry['sent_id']}.png", entry["caption"], boxes, scores,
+                        image_size=(regions.image_w, regions.image_h), target_box=entry["ref_box"],
+                        title=f"image {entry['image_id']}, sent {entry['sent_id']}")
+    print(f"drew {min(count, len(dataset))} expressions into {folder}")
 
 
 def main(argv=None):
     parser = build_parser(__doc__)
     parser.add_argument("--split", default="val", help="a split name, or 'all' for every split of the dataset")
+    parser.add_argument("--draw", type=int, default=0, metavar="N", help="draw the first N expressions per split")
     options, args = parse_options(parser, argv, config_beside_checkpoint=True)
     if not options.from_pretrained:
         parser.error("--from_pretrained CKPT is required")
@@ -34,12 +50,16 @@ def main(argv=None):
     checkpoint = Path(options.from_pretrained)
     rows = []
     for split in splits:
-        result = evaluate(model, eval_loader(build_dataset(options, split, tokenizer), options), amp=options.amp,
-                          task_id=options.task_id, show_progress=is_main_process(), desc=split)
+        dataset = build_dataset(options, split, tokenizer)
+        result = evaluate(model, eval_loader(dataset, options), amp=options.amp, task_id=options.task_id,
+                          show_progress=is_main_process(), desc=split)
         if is_main_process():
-            out = checkpoint.with_name(f"{checkpoint.stem}_{options.dataset}_{split}_predictions.json")
+            stem = f"{checkpoint.stem}_{options.dataset}_{split}"
+            out = checkpoint.with_name(f"{stem}_predictions.json")
             out.write_text(json.dumps(result.predictions))
             rows.append((split, result, out))
+            if args.draw:
+                draw_first(model, dataset, tokenizer, options, args.draw, checkpoint.with_name(f"{stem}_pictures"))
     if is_main_process():
         print(f"\n{'split':<8}{'accuracy':>10}{'expressions':>13}{'upper bound':>13}  predictions")
         for split, result, out in rows:

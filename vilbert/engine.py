@@ -187,3 +187,21 @@ def _gather(loss_sum: float, predictions: List[dict]):
     dist.all_gather_object(gathered, (loss_sum, predictions))
     return sum(g[0] for g in gathered), [p for g in gathered for p in g[1]]
 
+
+
+@paddle.no_grad()
+def score_regions(model, regions, input_ids: List[int], max_region_num: int, task_id: int = 0):
+    """Logits [R] and pixel boxes [R, 4] of one image's first `max_region_num` regions (a `RegionFeatures`)
+    for one tokenized expression: what predict.py prints and eval.py's pictures show."""
+    model.eval()
+    boxes = regions.boxes[:max_region_num]
+    batch = {
+        "input_ids": paddle.to_tensor([input_ids], dtype="int64"),
+        "features": paddle.to_tensor(regions.features[None, :max_region_num]).astype("float32"),
+        "spatials": paddle.to_tensor(regions.spatials[None, :max_region_num]),
+        "segment_ids": paddle.zeros([1, len(input_ids)], "int64"),
+        "input_mask": paddle.ones([1, len(input_ids)], "int64"),
+        "image_mask": paddle.ones([1, len(boxes)], "int64"),
+    }
+    output = model(*(batch[k] for k in MODEL_INPUTS[:6]), task_ids=task_ids_for(batch, task_id, model))
+    return output.vision_logit[0, :, 0].astype("float32").numpy(), boxes
