@@ -18,7 +18,7 @@ from vilbert.dataset import tokenize_expression
 from vilbert.engine import evaluate, score_regions
 from vilbert.options import build_parser, parse_options
 from vilbert.tokenization import BertTokenizer
-from vilbert.training import build_dataset, build_model, eval_loader, is_main_process, setup_device
+from vilbert.training import build_dataset, build_model, eval_loader, is_main_process, localize_paths, setup_device
 from vilbert.visualize import draw_prediction
 
 SPLITS = {"refcoco": ["val", "testA", "testB"], "refcoco+": ["val", "testA", "testB"], "refcocog": ["val", "test"]}
@@ -44,6 +44,7 @@ def main(argv=None):
     if not options.from_pretrained:
         parser.error("--from_pretrained CKPT is required")
     setup_device(options)
+    options = localize_paths(options)
     splits = SPLITS.get(options.dataset, ["val"]) if args.split == "all" else [args.split]
     tokenizer = BertTokenizer(options.bert_model)
     model = build_model(options, options.from_pretrained)

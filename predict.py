@@ -16,7 +16,7 @@ from vilbert.engine import score_regions
 from vilbert.features import open_features
 from vilbert.options import build_parser, parse_options
 from vilbert.tokenization import BertTokenizer
-from vilbert.training import build_model, setup_device
+from vilbert.training import build_model, localize_paths, setup_device
 from vilbert.visualize import draw_prediction
 
 
@@ -31,6 +31,7 @@ def main(argv=None):
     if not options.from_pretrained:
         parser.error("--from_pretrained CKPT is required")
     setup_device(options)
+    options = localize_paths(options)
     tokenizer = BertTokenizer(options.bert_model)
     input_ids = tokenize_expression(tokenizer, args.expression, options.max_seq_length)
     if len(input_ids) <= 2:

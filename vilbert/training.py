@@ -26,7 +26,14 @@ from .features import open_features
 from .model import VILBertForVLTasks
 from .optimization import BertAdam, build_param_groups, describe_param_groups
 from .options import RunOptions, resolve_device
+from .storage import localize
 from .tokenization import BertTokenizer
+
+
+def localize_paths(options: RunOptions) -> RunOptions:
+    """The same options with s3:// data roots, feature folders and checkpoints mirrored into the local cache."""
+    return dataclasses.replace(options, **{name: localize(getattr(options, name)) for name in (
+        "dataroot", "features_h5path1", "features_h5path2", "from_pretrained")})
 
 
 def setup_device(options: RunOptions) -> str:
@@ -104,6 +111,7 @@ def build_optimizer(model, options: RunOptions, steps_per_epoch: int) -> BertAda
 def fit(options: RunOptions) -> dict:
     """Fine-tune, evaluate every epoch, keep the best and the last checkpoint; returns the last metrics."""
     device = setup_device(options)
+    options = localize_paths(options)
     main = is_main_process()
     log = print if main else (lambda *a, **k: None)
     seed_everything(options.seed)
