@@ -142,6 +142,8 @@ def fit(options: RunOptions) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         _write_atomic(run_dir / "config.yaml", options.to_yaml())
     network = paddle.DataParallel(model) if dist.get_world_size() > 1 else model
+    # fp16 needs loss scaling (bf16 has fp32's range and does not); weights stay fp32 under O1 autocast
+    scaler = paddle.amp.GradScaler(init_loss_scaling=2.0 ** 15) if options.amp == "fp16" else None
 
     history = _read_history(run_dir / "metrics.jsonl", before=start_epoch) if main else []
     metrics = {}
@@ -152,7 +154,7 @@ def fit(options: RunOptions) -> dict:
         started = time.time()
         train_loss, train_acc = train_one_epoch(network, train_batches, optimizer, epoch=epoch, amp=options.amp,
                                                 accumulation=options.gradient_accumulation_steps,
-                                                task_id=options.task_id, show_progress=main)
+                                                task_id=options.task_id, scaler=scaler, show_progress=main)
         result = evaluate(model, val_batches, amp=options.amp, task_id=options.task_id)
         metrics = {"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc,
                    "val_loss": result.loss, "val_accuracy": result.accuracy, "lr": optimizer.get_lr(),
