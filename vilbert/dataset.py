@@ -46,12 +46,12 @@ def iou_plus_one(boxes: np.ndarray, ref_box) -> np.ndarray:
     boxes = np.asarray(boxes, np.float32)
     ref = np.asarray(ref_box, np.float32)
     one = np.float32(1)
-    ref_area = (ref[2] - ref[0] + one) * (ref[3] - ref[1] + one)
-    areas = (boxes[:, 2] - boxes[:, 0] + one) * (boxes[:, 3] - boxes[:, 1] + one)
-    iw = np.maximum(np.minimum(boxes[:, 2], ref[2]) - np.maximum(boxes[:, 0], ref[0]) + one, 0)
-    ih = np.maximum(np.minimum(boxes[:, 3], ref[3]) - np.maximum(boxes[:, 1], ref[1]) + one, 0)
-    inter = iw * ih
-    return inter / (areas + ref_area - inter)
+    sides = boxes[:, 2:] - boxes[:, :2] + one  # [N, 2] width, height
+    ref_sides = ref[2:] - ref[:2] + one
+    overlap = np.minimum(boxes[:, 2:], ref[2:]) - np.maximum(boxes[:, :2], ref[:2]) + one
+    np.maximum(overlap, 0, out=overlap)
+    inter = overlap[:, 0] * overlap[:, 1]
+    return inter / (sides[:, 0] * sides[:, 1] + ref_sides[0] * ref_sides[1] - inter)
 
 
 def tokenize_expression(tokenizer: BertTokenizer, caption: str, max_seq_length: int) -> List[int]:

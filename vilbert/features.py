@@ -25,12 +25,14 @@ from typing import Dict, List, NamedTuple, Optional, Union
 
 import lmdb
 import numpy as np
+from tqdm import tqdm
 
 FEATURE_DIM = 2048  # pool5_flat of the bottom-up ResNet-101 / ResNeXt-152 detectors
 DOWNLOAD_HINT = "run `bash download_dataset.sh` (or point the features path at the LMDB folder)"
 CACHE_SUFFIX = ".cache"
 CACHE_MAGIC = b"VLBFEAT1"
 CACHE_ALIGN = 64
+CACHE_VERSION = 1
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +173,8 @@ os.register_at_fork(before=_close_environments_before_fork, after_in_parent=_ENV
 class ImageFeaturesReader:
     """`reader[image_id] -> RegionFeatures` from an official LMDB folder (beta or 12-in-1 records)."""
 
+    dtype = np.dtype(np.float32)  # of the features handed on
+
     def __init__(self, path):
         self.path = os.fspath(path)
         _check_lmdb_dir(self.path)
@@ -267,9 +271,6 @@ def _base64_array(value, rows: int, width: int, field: str, what: str) -> np.nda
 #   index [images, 4] int64 (first row, row count, image_w, image_h)      (each array 64-byte aligned)
 #   header: JSON {version, source signature, keys, arrays: {name: [offset, dtype, shape]}}
 # ---------------------------------------------------------------------------------------------------------
-CACHE_VERSION = 1
-
-
 def default_cache_path(lmdb_path) -> Path:
     """Where `build_feature_cache` writes and `open_features` looks: next to the LMDB folder."""
     return Path(os.path.normpath(os.fspath(lmdb_path)) + CACHE_SUFFIX)
@@ -277,9 +278,9 @@ def default_cache_path(lmdb_path) -> Path:
 
 def build_feature_cache(lmdb_path, out=None, *, float16: bool = False, progress: bool = True) -> Path:
     """Decode every record of the LMDB once into a cache file; returns its path."""
-    from tqdm import tqdm
-
     reader = ImageFeaturesReader(lmdb_path)
+    if not len(reader):
+        raise FeaturesError(f"{reader.path} lists no images: nothing to cache")
     signature = lmdb_signature(lmdb_path)
     out = Path(out) if out else default_cache_path(lmdb_path)
     dtype = np.dtype(np.float16 if float16 else np.float32)
@@ -371,7 +372,8 @@ class FeatureCache:
         start, dtype, shape = self._arrays_spec[name]
         if 0 in shape:
             return np.empty(shape, dtype)
-        return np.memmap(self.path, dtype=dtype, mode="r", offset=start, shape=tuple(shape))
+        mapped = np.memmap(self.path, dtype=dtype, mode="r", offset=start, shape=tuple(shape))
+        return mapped.view(np.ndarray)  # slices of a plain ndarray skip np.memmap's Python-level __getitem__
 
     def _arrays(self):
         """This process's memory maps (re-opened after fork or unpickling, never pickled)."""
