@@ -23,7 +23,7 @@ from .config import ViLBertConfig
 from .dataset import ReferExpressionDataset, collate
 from .engine import EpochBatchSampler, evaluate, train_one_epoch
 from .features import open_features
-from .model import VILBertForVLTasks
+from .model import VILBertForVLTasks, ViLBertOutput
 from .optimization import BertAdam, build_param_groups, describe_param_groups
 from .options import RunOptions, resolve_device
 from .storage import localize
@@ -99,6 +99,22 @@ def build_model(options: RunOptions, checkpoint: str = "", log=print) -> VILBert
     return model
 
 
+class VisionLogitDataParallel(paddle.DataParallel):
+    """DataParallel that traces the backward graph from `vision_logit`, the only output the REC loss reads.
+
+    DataParallel looks for the output tensors in tensors, lists, tuples and dicts only, so the model's
+    `ViLBertOutput` would look like no output at all (every gradient then fails as "ready before"); and
+    tracing from all its fields would wait forever for the gradients of the poolers and of the text side of
+    the last co-attention layer, which REC never uses (the official code runs apex DDP, which skips them).
+    """
+
+    def __init__(self, model):
+        super().__init__(model, find_unused_parameters=True)
+
+    def _find_tensor(self, obj):
+        return [obj.vision_logit] if isinstance(obj, ViLBertOutput) else super()._find_tensor(obj)
+
+
 def build_optimizer(model, options: RunOptions, steps_per_epoch: int) -> BertAdam:
     groups = build_param_groups(model.named_parameters(), base_lr=options.learning_rate,
                                 head_lr=options.head_learning_rate, head_patterns=options.head_patterns,
@@ -141,7 +157,7 @@ def fit(options: RunOptions) -> dict:
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         _write_atomic(run_dir / "config.yaml", options.to_yaml())
-    network = paddle.DataParallel(model) if dist.get_world_size() > 1 else model
+    network = VisionLogitDataParallel(model) if dist.get_world_size() > 1 else model
     # fp16 needs loss scaling (bf16 has fp32's range and does not); weights stay fp32 under O1 autocast
     scaler = paddle.amp.GradScaler(init_loss_scaling=2.0 ** 15) if options.amp == "fp16" else None
 
