@@ -108,7 +108,7 @@ def task_ids_for(batch, task_id: int, model) -> "paddle.Tensor | None":
 
 def train_one_epoch(model, loader, optimizer, *, epoch: int, amp: str = "off", accumulation: int = 1,
                     task_id: int = 0, scaler=None, show_progress: bool = True):
-    """One pass over the loader; returns (mean train loss, train accuracy) over this rank's samples."""
+    """One pass over the loader; returns (mean train loss, train accuracy) over all ranks' samples."""
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
     bar = tqdm(loader, desc=f"Epoch {epoch}", disable=not show_progress, dynamic_ncols=True)
@@ -137,6 +137,10 @@ def train_one_epoch(model, loader, optimizer, *, epoch: int, amp: str = "off", a
         correct += int(rec_select(logit, batch["target"])[2].astype("int64").sum())
         seen += size
         bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.4f}")
+    if dist.get_world_size() > 1:
+        sums = paddle.to_tensor([total_loss, correct, seen], dtype="float64")
+        dist.all_reduce(sums)
+        total_loss, correct, seen = sums.tolist()
     return total_loss / max(seen, 1), correct / max(seen, 1)
 
 
