@@ -1,0 +1,1 @@
+"""Third-party dataset APIs, rewritten for Python 3."""

@@ -1,0 +1,324 @@
+"""A small generated RefCOCO+ in the official on-disk layout, for the demo, the tests and the benchmarks.
+
+Every file is in the format the official code reads, so the whole pipeline runs on it unchanged
+(`bash download_dataset.sh --check --dataroot ROOT` audits it like the real data):
+
+    <root>/refcoco+/refs(unc).p                               pickled list of refs (REFER fields)
+    <root>/refcoco+/instances.json                            COCO images, annotations (polygons), categories
+    <root>/refcoco+_resnet101_faster_rcnn_genome.lmdb/        detected boxes and their features
+    <root>/refcoco+_gt_resnet101_faster_rcnn_genome.lmdb/     the referred objects' boxes and features
+
+`layout='beta'` writes the LMDB records of vilbert_beta (str fields, base64 float32 arrays, with `cls_prob`);
+`layout='mt'` those of vilbert-multi-task (ints, float32 numpy arrays). The paths are the same for both.
+
+The task is learnable by a small model trained from scratch: each image holds 4-8 objects with a colour and
+a kind; an expression names what singles its object out (usually colour and kind, as other objects share
+one of them); a region's feature vector carries its object's colour and kind as scaled one-hot blocks plus
+noise. Detections are the objects' boxes jittered (IoU > 0.5 with their object) plus unrelated boxes, so the
+best possible accuracy is 100% and chance is about 1 / number of boxes. Splits follow RefCOCO+: train, val,
+testA (people are referred to) and testB (other objects are), with disjoint images. Image ids are >= 600000,
+outside COCO train2014, so no real image is mistaken for a generated one.
+"""
+
+import base64
+import json
+import os
+import pickle
+import shutil
+from pathlib import Path
+from typing import NamedTuple
+
+import lmdb
+import numpy as np
+
+DATASET_DIR = "refcoco+"
+REFS_FILE = "refs(unc).p"
+DETECTED_LMDB = "refcoco+_resnet101_faster_rcnn_genome.lmdb"
+GT_LMDB = "refcoco+_gt_resnet101_faster_rcnn_genome.lmdb"
+LAYOUTS = ("beta", "mt")
+
+
+class Kind(NamedTuple):
+    word: str
+    category_id: int  # COCO category
+    category: str
+    supercategory: str
+
+
+COLOURS = ("red", "blue", "green", "white", "black", "yellow")
+KINDS = (
+    Kind("man", 1, "person", "person"),
+    Kind("woman", 1, "person", "person"),
+    Kind("child", 1, "person", "person"),
+    Kind("dog", 18, "dog", "animal"),
+    Kind("cat", 17, "cat", "animal"),
+    Kind("horse", 19, "horse", "animal"),
+    Kind("car", 3, "car", "vehicle"),
+    Kind("chair", 62, "chair", "furniture"),
+)
+PERSON_KINDS = tuple(i for i, kind in enumerate(KINDS) if kind.category_id == 1)
+OTHER_KINDS = tuple(i for i, kind in enumerate(KINDS) if kind.category_id != 1)
+
+# Expression templates: "{c}" colour, "{k}" kind. `sent` is the template; `raw` is typed text (see _raw).
+BOTH_TEMPLATES_PERSON = ("{c} {k}", "the {c} {k}", "{k} in {c}", "{k} wearing {c}", "{k} with {c} shirt")
+BOTH_TEMPLATES_OTHER = ("{c} {k}", "the {c} {k}", "{k} that is {c}", "a {c} {k}")
+KIND_TEMPLATES = ("{k}", "the {k}")
+COLOUR_TEMPLATES = ("{c} one", "the {c} one")
+
+# Region features: 2048-d like ResNet-101 bottom-up features, non-negative; attribute blocks at the front.
+FEATURE_SIZE = 2048
+NUM_CLASSES = 1601  # Visual Genome classes + background, the width of beta's cls_prob
+BLOCK = 16  # dims per attribute value
+COLOUR_OFFSET = 0
+KIND_OFFSET = COLOUR_OFFSET + BLOCK * len(COLOURS)
+NOISE_END = 512  # dims [KIND_OFFSET + BLOCK * len(KINDS), NOISE_END) hold noise, the rest are zero
+IMAGE_SIZES = ((640, 480), (640, 427), (640, 360), (500, 375), (640, 512), (480, 640), (427, 640))
+FIRST_IMAGE_ID = 600_000  # COCO train2014 ids end at 581929
+FIRST_ANN_ID = 3_000_000
+
+
+def make_demo_dataset(root, *, seed: int = 0, layout: str = "beta", num_train_images: int = 600,
+                      num_val_images: int = 150, num_test_images: int = 60) -> Path:
+    """Write the generated data root (deterministic in `seed`) and return its path.
+
+    num_test_images is per test split (testA and testB each). refs(unc).p is written last, so its presence
+    means the root is complete. A few seconds for the default size (~870 images, ~180 MB in beta layout).
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r} must be one of {LAYOUTS}")
+    if num_train_images < 1 or num_val_images < 0 or num_test_images < 0:
+        raise ValueError("need num_train_images >= 1 and num_val_images, num_test_images >= 0")
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    splits = (["train"] * num_train_images + ["val"] * num_val_images
+              + ["testA"] * num_test_images + ["testB"] * num_test_images)
+    splits = [splits[i] for i in rng.permutation(len(splits))]  # interleaved, as in the real refs file
+    image_ids = FIRST_IMAGE_ID + np.sort(rng.choice(400_000, size=len(splits), replace=False))
+
+    images, annotations, refs, detected, gt = [], [], [], {}, {}
+    num_sentences = 0
+    for image_id, split in zip(image_ids.tolist(), splits):
+        width, height = IMAGE_SIZES[rng.integers(len(IMAGE_SIZES))]
+        colours, kinds, boxes, referents, free_cells = _scene(rng, split, width, height)
+        ann_ids = [FIRST_ANN_ID + len(annotations) + i for i in range(len(boxes))]
+        images.append(_image(image_id, width, height))
+        annotations.extend(_annotation(rng, ann_id, image_id, KINDS[kind].category_id, box)
+                           for ann_id, kind, box in zip(ann_ids, kinds, boxes))
+        for number, index in enumerate(referents):
+            sentences = []
+            for _ in range(rng.integers(2, 5)):
+                raw, sent = _sentence(rng, index, colours, kinds)
+                sentences.append({"tokens": sent.split(), "raw": raw, "sent_id": num_sentences, "sent": sent})
+                num_sentences += 1
+            refs.append({"sent_ids": [s["sent_id"] for s in sentences],
+                         "file_name": f"COCO_train2014_{image_id:012d}_{number + 1}.jpg",
+                         "ann_id": ann_ids[index], "ref_id": len(refs), "image_id": image_id, "split": split,
+                         "category_id": KINDS[kinds[index]].category_id, "sentences": sentences})
+        key = str(image_id).encode()
+        detected[key] = _detections(rng, image_id, width, height, colours, kinds, boxes, free_cells, layout)
+        gt[key] = _record(rng, image_id, width, height, [_xyxy(boxes[i]) for i in referents],
+                          [colours[i] for i in referents], [kinds[i] for i in referents], layout)
+
+    data_dir = root / DATASET_DIR
+    data_dir.mkdir(parents=True, exist_ok=True)
+    _write_lmdb(root / DETECTED_LMDB, detected)
+    _write_lmdb(root / GT_LMDB, gt)
+    instances = {
+        "info": {"description": "ViLBERT-Paddle generated RefCOCO+-format demo data", "version": "1.0",
+                 "year": 2024, "contributor": "vilbert/demo_data.py", "date_created": "2024-01-01",
+                 "seed": seed},
+        "images": images,
+        "licenses": [{"url": "", "id": 1, "name": "generated data, no license restrictions"}],
+        "annotations": annotations,
+        "categories": [{"supercategory": sup, "id": cid, "name": name}
+                       for cid, name, sup in sorted({(k.category_id, k.category, k.supercategory) for k in KINDS})],
+    }
+    _atomic_write(data_dir / "instances.json", json.dumps(instances).encode())
+    _atomic_write(data_dir / REFS_FILE, pickle.dumps(refs, protocol=2))
+    return root
+
+
+def _scene(rng, split, width, height):
+    """Objects (colour, kind, xywh box) in distinct grid cells, the indices of the referred ones, the free cells."""
+    if split == "testA":
+        referable = PERSON_KINDS
+    elif split == "testB":
+        referable = OTHER_KINDS
+    else:
+        referable = tuple(range(len(KINDS)))
+    while True:
+        num_objects = int(rng.integers(4, 9))
+        # Few kinds and colours per image, so other objects share the referent's kind or its colour.
+        kind_pool = rng.choice(referable, size=2, replace=False).tolist() + [int(rng.integers(len(KINDS)))]
+        colour_pool = rng.choice(len(COLOURS), size=int(rng.integers(2, 5)), replace=False)
+        kinds = [kind_pool[i] for i in rng.integers(len(kind_pool), size=num_objects)]
+        colours = rng.choice(colour_pool, size=num_objects).tolist()
+        pairs = list(zip(colours, kinds))
+        unique = [i for i, pair in enumerate(pairs) if pairs.count(pair) == 1 and kinds[i] in referable]
+        if unique:
+            break
+    referents = sorted(rng.choice(unique, size=min(len(unique), int(rng.integers(2, 5))), replace=False).tolist())
+    cells = _cells(rng, width, height)
+    boxes = [_box_in(rng, cell, 0.5, 0.95) for cell in cells[:num_objects]]
+    return colours, kinds, boxes, referents, cells[num_objects:]
+
+
+def _cells(rng, width, height):
+    """The 12 cells of a 4x3 (landscape) or 3x4 (portrait) grid as (x, y, w, h), in random order."""
+    cols, rows = (4, 3) if width >= height else (3, 4)
+    cell_w, cell_h = width / cols, height / rows
+    cells = [(c * cell_w, r * cell_h, cell_w, cell_h) for r in range(rows) for c in range(cols)]
+    return [cells[i] for i in rng.permutation(len(cells))]
+
+
+def _box_in(rng, cell, low, high):
+    """A box inside the cell, each side `low`..`high` of the cell's, as [x, y, w, h] with 2 decimals."""
+    x, y, cell_w, cell_h = cell
+    w, h = cell_w * rng.uniform(low, high), cell_h * rng.uniform(low, high)
+    x, y = x + rng.uniform(0, cell_w - w), y + rng.uniform(0, cell_h - h)
+    return [round(float(v), 2) for v in (x, y, w, h)]
+
+
+def _xyxy(box):
+    x, y, w, h = box
+    return [x, y, x + w, y + h]
+
+
+def iou_plus1(a, b) -> float:
+    """IoU of x1y1x2y2 boxes with the official "+1" pixel convention (the one the official targets use)."""
+    iw = min(a[2], b[2]) - max(a[0], b[0]) + 1
+    ih = min(a[3], b[3]) - max(a[1], b[1]) + 1
+    if iw <= 0 or ih <= 0:
+        return 0.0
+    inter = iw * ih
+    area_a = (a[2] - a[0] + 1) * (a[3] - a[1] + 1)
+    area_b = (b[2] - b[0] + 1) * (b[3] - b[1] + 1)
+    return inter / (area_a + area_b - inter)
+
+
+def _features(rng, colour, kind):
+    """Non-negative noise, plus scaled one-hot blocks for the colour and kind when the region is an object."""
+    feature = np.zeros(FEATURE_SIZE, np.float32)
+    feature[:NOISE_END] = np.abs(rng.normal(0.0, 0.1, NOISE_END))
+    if colour is not None:
+        start = COLOUR_OFFSET + BLOCK * colour
+        feature[start:start + BLOCK] += rng.uniform(1.5, 2.5, BLOCK)
+        start = KIND_OFFSET + BLOCK * kind
+        feature[start:start + BLOCK] += rng.uniform(1.5, 2.5, BLOCK)
+    return feature
+
+
+def _record(rng, image_id, width, height, boxes, colours, kinds, layout):
+    """One LMDB value in the chosen layout; colour/kind None marks a region that is no object."""
+    features = np.stack([_features(rng, c, k) for c, k in zip(colours, kinds)])
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    if layout == "mt":
+        record = {"image_id": image_id, "image_h": height, "image_w": width, "num_boxes": len(boxes),
+                  "boxes": boxes, "features": features}
+    else:
+        # A valid distribution over classes: most mass on the kind's class, class 0 (background) otherwise.
+        cls_prob = np.full((len(boxes), NUM_CLASSES), 0.1 / (NUM_CLASSES - 1), np.float32)
+        cls_prob[np.arange(len(boxes)), [0 if k is None else 1 + k for k in kinds]] = 0.9
+        record = {"image_id": str(image_id), "image_w": str(width), "image_h": str(height),
+                  "num_boxes": str(len(boxes)), "boxes": _b64(boxes), "features": _b64(features),
+                  "cls_prob": _b64(cls_prob)}
+    return pickle.dumps(record)
+
+
+def _b64(array):
+    return base64.b64encode(np.ascontiguousarray(array, np.float32).tobytes()).decode("ascii")
+
+
+def _detections(rng, image_id, width, height, colours, kinds, boxes, free_cells, layout):
+    """Each object's box jittered (IoU > 0.5 with it) plus 2-3 boxes in cells without objects, in random order."""
+    regions = []
+    for colour, kind, box in zip(colours, kinds, boxes):
+        x1, y1, x2, y2 = _xyxy(box)
+        while True:
+            dx, dy = 0.1 * (x2 - x1), 0.1 * (y2 - y1)
+            jittered = [max(0.0, x1 + rng.uniform(-dx, dx)), max(0.0, y1 + rng.uniform(-dy, dy)),
+                        min(width - 1.0, x2 + rng.uniform(-dx, dx)), min(height - 1.0, y2 + rng.uniform(-dy, dy))]
+            if iou_plus1(jittered, [x1, y1, x2, y2]) > 0.6:
+                break
+        regions.append((jittered, colour, kind))
+    for cell in free_cells[:int(rng.integers(2, 4))]:
+        regions.append((_xyxy(_box_in(rng, cell, 0.3, 0.9)), None, None))
+    regions = [regions[i] for i in rng.permutation(len(regions))]
+    return _record(rng, image_id, width, height, *map(list, zip(*regions)), layout)
+
+
+def _sentence(rng, index, colours, kinds):
+    """(raw, sent) naming object `index`: colour and kind, or just one of them when that alone is unique."""
+    colour, kind = colours[index], kinds[index]
+    kind_unique = kinds.count(kind) == 1
+    colour_unique = colours.count(colour) == 1
+    draw = rng.random()
+    if kind_unique and draw < 0.25:
+        templates = KIND_TEMPLATES
+    elif colour_unique and draw > 0.85:
+        templates = COLOUR_TEMPLATES
+    elif kind in PERSON_KINDS:
+        templates = BOTH_TEMPLATES_PERSON
+    else:
+        templates = BOTH_TEMPLATES_OTHER
+    sent = templates[rng.integers(len(templates))].format(c=COLOURS[colour], k=KINDS[kind].word)
+    return _raw(rng, sent), sent
+
+
+def _raw(rng, sent):
+    """What an annotator typed: RefCOCO+ raw text abbreviates "with" to "w" and is sometimes all caps."""
+    raw = sent
+    if " with " in raw and rng.random() < 0.5:
+        raw = raw.replace(" with ", " w ")
+    if rng.random() < 0.1:
+        raw = raw.upper()
+    return raw
+
+
+def _image(image_id, width, height):
+    return {"license": 1, "file_name": f"COCO_train2014_{image_id:012d}.jpg", "coco_url": "", "height": height,
+            "width": width, "date_captured": "2013-11-14 11:18:45", "flickr_url": "", "id": image_id}
+
+
+def _annotation(rng, ann_id, image_id, category_id, box):
+    """A COCO annotation whose polygon is the box with its corners cut, so the polygon's bbox is the box."""
+    x, y, w, h = box
+    cx, cy = w * rng.uniform(0.1, 0.3), h * rng.uniform(0.1, 0.3)
+    corners = [(x + cx, y), (x + w - cx, y), (x + w, y + cy), (x + w, y + h - cy),
+               (x + w - cx, y + h), (x + cx, y + h), (x, y + h - cy), (x, y + cy)]
+    polygon = [round(float(v), 2) for point in corners for v in point]
+    xs, ys = np.array(polygon[0::2]), np.array(polygon[1::2])
+    area = 0.5 * abs(float(np.dot(xs, np.roll(ys, -1)) - np.dot(ys, np.roll(xs, -1))))  # shoelace
+    return {"segmentation": [polygon], "area": area, "iscrowd": 0, "image_id": image_id, "bbox": list(box),
+            "category_id": category_id, "id": ann_id}
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _write_lmdb(path: Path, records: dict) -> None:
+    """An LMDB folder (data.mdb, lock.mdb) of `records`, then b'keys' last as the official converters do.
+
+    Written in a temporary folder that replaces `path` at the end, so a reader never sees half of it.
+    """
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    # Values above a page go to overflow pages: room for each value rounded up to pages, plus slack.
+    map_size = sum(len(v) + 8192 for v in records.values()) * 2 + (64 << 20)
+    env = lmdb.open(str(tmp), map_size=map_size)
+    with env.begin(write=True) as txn:
+        for key, value in records.items():
+            txn.put(key, value)
+    with env.begin(write=True) as txn:
+        txn.put(b"keys", pickle.dumps(list(records)))
+    env.close()
+    if path.exists():
+        old = path.with_name(f"{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, path)
