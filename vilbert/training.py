@@ -182,10 +182,11 @@ def fit(options: RunOptions) -> dict:
         if result.accuracy > best["val_accuracy"]:
             best = {"val_accuracy": result.accuracy, "epoch": epoch}
             save_checkpoint(model.state_dict(), run_dir / "best.pdparams")
-        save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                         "best": best, "options": dataclasses.asdict(options)}, run_dir / "last.pdparams")
         _write_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in history))
         plot_curves(history, run_dir / "curves.png")
+        # last, as the commit point: a run killed before it redoes this epoch, with nothing of it missing
+        save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                         "best": best, "options": dataclasses.asdict(options)}, run_dir / "last.pdparams")
     log(f"Best val accuracy {best['val_accuracy']:.4f} at epoch {best['epoch']}; checkpoints in {run_dir}")
     return metrics
 
