@@ -14,6 +14,7 @@ from vilbert.demo_data import (BLOCK, COLOUR_OFFSET, COLOURS, DETECTED_LMDB, GT_
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(num_train_images=10, num_val_images=4, num_test_images=3)
+SIZES = dict(seed=0, num_train_images=48, num_val_images=16, num_test_images=8)
 REF_FIELDS = {"sent_ids", "file_name", "ann_id", "ref_id", "image_id", "split", "category_id", "sentences"}
 
 
@@ -43,6 +44,18 @@ def attributes(feature):
     if colours.max() < BLOCK:  # an attribute block holds values >= 1.5 per dim; noise stays far below
         return None, None
     return int(colours.argmax()), int(kinds.argmax())
+
+
+# This module's own roots: other tests may hold the shared fixtures' LMDBs open, and lmdb refuses to open one
+# path twice in a process.
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+    return make_demo_dataset(tmp_path_factory.mktemp("beta"), layout="beta", **SIZES)
+
+
+@pytest.fixture(scope="module")
+def demo_root_mt(tmp_path_factory):
+    return make_demo_dataset(tmp_path_factory.mktemp("mt"), layout="mt", **SIZES)
 
 
 @pytest.fixture(scope="module")
