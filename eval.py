@@ -18,7 +18,8 @@ from vilbert.dataset import tokenize_expression
 from vilbert.engine import evaluate, score_regions
 from vilbert.options import build_parser, parse_options
 from vilbert.tokenization import BertTokenizer
-from vilbert.training import build_dataset, build_model, eval_loader, is_main_process, localize_paths, setup_device
+from vilbert.training import (build_dataset, build_model, eval_loader, exit_on_user_error, is_main_process,
+                              localize_paths, setup_device)
 from vilbert.visualize import draw_prediction
 
 SPLITS = {"refcoco": ["val", "testA", "testB"], "refcoco+": ["val", "testA", "testB"], "refcocog": ["val", "test"]}
@@ -36,6 +37,7 @@ def draw_first(model, dataset, tokenizer, options, count: int, folder: Path) -> 
     print(f"drew {min(count, len(dataset))} expressions into {folder}")
 
 
+@exit_on_user_error()
 def main(argv=None):
     parser = build_parser(__doc__)
     parser.add_argument("--split", default="val", help="a split name, or 'all' for every split of the dataset")

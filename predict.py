@@ -16,10 +16,11 @@ from vilbert.engine import score_regions
 from vilbert.features import open_features
 from vilbert.options import build_parser, parse_options
 from vilbert.tokenization import BertTokenizer
-from vilbert.training import build_model, localize_paths, setup_device
+from vilbert.training import build_model, exit_on_user_error, localize_paths, setup_device
 from vilbert.visualize import draw_prediction
 
 
+@exit_on_user_error()
 def main(argv=None):
     parser = build_parser(__doc__)
     parser.add_argument("--image_id", type=int, required=True, help="COCO image id (must be in the features)")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import vilbert  # noqa: F401  (sets CPU threading defaults before paddle loads)
 from vilbert.options import build_parser, load_task_config, parse_options, DEMO_TASK_CONFIG
-from vilbert.training import fit
+from vilbert.training import exit_on_user_error, fit
 
 
 def ensure_demo_data(dataroot: str) -> None:
@@ -33,6 +33,7 @@ def ensure_demo_data(dataroot: str) -> None:
     make_demo_dataset(dataroot)
 
 
+@exit_on_user_error()
 def main(argv=None):
     options, args = parse_options(build_parser(__doc__), argv)
     if args.demo:

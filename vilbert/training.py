@@ -7,6 +7,7 @@ Dropout is re-seeded from (seed, epoch, rank) at the start of every epoch, so a 
 boundary continues exactly as if it had never stopped.
 """
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -18,16 +19,31 @@ import numpy as np
 import paddle
 import paddle.distributed as dist
 
-from .checkpoint import load_pretrained, save_checkpoint
-from .config import ViLBertConfig
+from .checkpoint import CheckpointError, load_pretrained, save_checkpoint
+from .config import ConfigError, ViLBertConfig
 from .dataset import ReferExpressionDataset, collate
-from .engine import EpochBatchSampler, evaluate, train_one_epoch
-from .features import open_features
+from .engine import EpochBatchSampler, NonFiniteLossError, evaluate, train_one_epoch
+from .features import FeaturesError, ImageNotInFeatures, open_features
 from .model import VILBertForVLTasks, ViLBertOutput
 from .optimization import BertAdam, build_param_groups, describe_param_groups
-from .options import RunOptions, resolve_device
+from .options import OptionsError, RunOptions, resolve_device
 from .storage import localize
 from .tokenization import BertTokenizer
+
+
+# What the user can fix (paths, downloads, configs, flags, checkpoints, a diverging or too large run): the
+# entry scripts report these as one line instead of a traceback.
+USER_ERRORS = (FileNotFoundError, PermissionError, OptionsError, ConfigError, CheckpointError, FeaturesError,
+               ImageNotInFeatures, NonFiniteLossError)
+
+
+@contextlib.contextmanager
+def exit_on_user_error():
+    """Turns a `USER_ERRORS` exception into `SystemExit` with its message (what an entry script prints)."""
+    try:
+        yield
+    except USER_ERRORS as error:
+        raise SystemExit(f"error: {error}") from None
 
 
 def localize_paths(options: RunOptions) -> RunOptions:
@@ -70,8 +86,8 @@ def train_loader(dataset, options: RunOptions) -> paddle.io.DataLoader:
     world = dist.get_world_size()
     micro = options.batch_size // (world * options.gradient_accumulation_steps)
     if micro < 1 or micro * world * options.gradient_accumulation_steps != options.batch_size:
-        raise ValueError(f"--batch_size {options.batch_size} cannot be split over {world} device(s) x "
-                         f"{options.gradient_accumulation_steps} accumulation steps; choose a multiple")
+        raise OptionsError(f"--batch_size {options.batch_size} cannot be split over {world} device(s) x "
+                           f"{options.gradient_accumulation_steps} accumulation steps; choose a multiple")
     sampler = EpochBatchSampler(len(dataset), options.batch_size, shuffle=True, seed=options.seed,
                                 rank=dist.get_rank(), world_size=world,
                                 accumulation=options.gradient_accumulation_steps)
