@@ -19,7 +19,7 @@ from vilbert.engine import evaluate, score_regions
 from vilbert.options import build_parser, parse_options
 from vilbert.tokenization import BertTokenizer
 from vilbert.training import (build_dataset, build_model, eval_loader, exit_on_user_error, is_main_process,
-                              localize_paths, setup_device)
+                              localize_paths, out_of_memory_hint, setup_device)
 from vilbert.visualize import draw_prediction
 
 SPLITS = {"refcoco": ["val", "testA", "testB"], "refcoco+": ["val", "testA", "testB"], "refcocog": ["val", "test"]}
@@ -54,8 +54,9 @@ def main(argv=None):
     rows = []
     for split in splits:
         dataset = build_dataset(options, split, tokenizer)
-        result = evaluate(model, eval_loader(dataset, options), amp=options.amp, task_id=options.task_id,
-                          show_progress=is_main_process(), desc=split)
+        with out_of_memory_hint(f"lower --eval_batch_size (now {options.eval_batch_size})"):
+            result = evaluate(model, eval_loader(dataset, options), amp=options.amp, task_id=options.task_id,
+                              show_progress=is_main_process(), desc=split)
         if is_main_process():
             stem = f"{checkpoint.stem}_{options.dataset}_{split}"
             out = checkpoint.with_name(f"{stem}_predictions.json")

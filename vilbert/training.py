@@ -31,10 +31,14 @@ from .storage import localize
 from .tokenization import BertTokenizer
 
 
+class OutOfMemoryError(MemoryError):
+    """A training or evaluation step did not fit in memory; the message names the flag that makes it smaller."""
+
+
 # What the user can fix (paths, downloads, configs, flags, checkpoints, a diverging or too large run): the
 # entry scripts report these as one line instead of a traceback.
 USER_ERRORS = (FileNotFoundError, PermissionError, OptionsError, ConfigError, CheckpointError, FeaturesError,
-               ImageNotInFeatures, NonFiniteLossError)
+               ImageNotInFeatures, NonFiniteLossError, OutOfMemoryError)
 
 
 @contextlib.contextmanager
@@ -44,6 +48,15 @@ def exit_on_user_error():
         yield
     except USER_ERRORS as error:
         raise SystemExit(f"error: {error}") from None
+
+
+@contextlib.contextmanager
+def out_of_memory_hint(advice: str):
+    """Re-raises an out-of-memory error (Paddle raises MemoryError, on CPU and GPU) with `advice` added."""
+    try:
+        yield
+    except MemoryError as error:
+        raise OutOfMemoryError(f"out of memory ({str(error).splitlines()[0]}); {advice}") from error
 
 
 def localize_paths(options: RunOptions) -> RunOptions:
@@ -156,10 +169,11 @@ def fit(options: RunOptions) -> dict:
     resume_path = _resume_path(options)
     model = build_model(options, checkpoint="" if resume_path else options.from_pretrained, log=log)
     steps_per_epoch = len(train_batches) // options.gradient_accumulation_steps
+    micro = len(next(iter(train_batches.batch_sampler)))
     optimizer, groups = build_optimizer(model, options, steps_per_epoch)
     log(f"Device: {device} x {dist.get_world_size()}; {len(train_set)} train / {len(val_set)} val expressions; "
         f"batch {options.batch_size} = {dist.get_world_size()} device(s) x "
-        f"{options.gradient_accumulation_steps} step(s) x {len(next(iter(train_batches.batch_sampler)))}; "
+        f"{options.gradient_accumulation_steps} step(s) x {micro}; "
         f"{steps_per_epoch} steps/epoch")
     log(describe_param_groups(groups))
 
@@ -184,10 +198,14 @@ def fit(options: RunOptions) -> dict:
         train_batches.batch_sampler.set_epoch(epoch)
         optimizer.set_epoch(epoch)
         started = time.time()
-        train_loss, train_acc = train_one_epoch(network, train_batches, optimizer, epoch=epoch, amp=options.amp,
-                                                accumulation=options.gradient_accumulation_steps,
-                                                task_id=options.task_id, scaler=scaler, show_progress=main)
-        result = evaluate(model, val_batches, amp=options.amp, task_id=options.task_id)
+        with out_of_memory_hint(f"each step holds {micro} sample(s) per device: raise --gradient_accumulation_steps "
+                                f"(now {options.gradient_accumulation_steps}) to split every batch of "
+                                f"{options.batch_size} into smaller steps with the same result"):
+            train_loss, train_acc = train_one_epoch(network, train_batches, optimizer, epoch=epoch, amp=options.amp,
+                                                    accumulation=options.gradient_accumulation_steps,
+                                                    task_id=options.task_id, scaler=scaler, show_progress=main)
+        with out_of_memory_hint(f"lower --eval_batch_size (now {options.eval_batch_size})"):
+            result = evaluate(model, val_batches, amp=options.amp, task_id=options.task_id)
         metrics = {"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc,
                    "val_loss": result.loss, "val_accuracy": result.accuracy, "lr": optimizer.get_lr(),
                    "seconds": round(time.time() - started, 1)}
