@@ -37,7 +37,11 @@ def main(argv=None):
     input_ids = tokenize_expression(tokenizer, args.expression, options.max_seq_length)
     if len(input_ids) <= 2:
         parser.error(f"--expression {args.expression!r} has no tokens; give some words")
-    regions = open_features(options.data_path(options.features_h5path1), cache=options.feature_cache)[args.image_id]
+    features = open_features(options.data_path(options.features_h5path1), cache=options.feature_cache)
+    if args.image_id not in features:
+        parser.error(f"--image_id {args.image_id} is not in the features {features.path}; give one of its "
+                     f"{len(features)} images (e.g. {', '.join(map(str, features.image_ids[:5]))})")
+    regions = features[args.image_id]
     model = build_model(options, options.from_pretrained)
     scores, boxes = score_regions(model, regions, input_ids, options.max_region_num, options.task_id)
     order = np.argsort(-scores)[:args.top_k]
