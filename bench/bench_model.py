@@ -12,7 +12,7 @@ tools/make_parity_reference.py). Each side runs in its own subprocess, so its pe
 same MKL/OpenMP thread count. Ours also runs under bf16 autocast (AMP O1), as ``--amp bf16`` trains.
 
 Prints per side the median over timed steps of forward (incl. the loss), backward, optimizer step + gradient
-reset, their sum, samples/s, and peak RSS; then ours/official step time (target: <= 0.8).
+reset, their sum, the CPU time of a step, samples/s, and peak RSS; then ours/official step time (target: <= 0.8).
 """
 import argparse
 import json
@@ -48,10 +48,14 @@ def make_batch(batch, seed=0):
 
 
 def time_steps(step, warmup, steps):
-    """Runs ``step()`` -> (forward, backward, optimizer) seconds; returns the medians over the timed steps."""
+    """Runs ``step()`` -> (forward, backward, optimizer) wall seconds; returns the medians over the timed steps,
+    and the median CPU seconds (all threads) of a whole step, which other processes on the machine inflate less."""
     for _ in range(warmup):
         step()
-    timings = [step() for _ in range(steps)]
+    timings = []
+    for _ in range(steps):
+        cpu = time.process_time()
+        timings.append((*step(), time.process_time() - cpu))
     return [statistics.median(column) for column in zip(*timings)]
 
 
@@ -128,12 +132,12 @@ def bench_ours(args, amp):
 def run_side(args):
     """Child process: time one side, print one JSON line."""
     if args.side == "official":
-        forward, backward, optimizer = bench_official(args)
+        forward, backward, optimizer, cpu = bench_official(args)
     else:
-        forward, backward, optimizer = bench_ours(args, "bf16" if args.side == "ours-bf16" else "off")
+        forward, backward, optimizer, cpu = bench_ours(args, "bf16" if args.side == "ours-bf16" else "off")
     step = forward + backward + optimizer
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-    print(json.dumps({"forward": forward, "backward": backward, "optimizer": optimizer, "step": step,
+    print(json.dumps({"forward": forward, "backward": backward, "optimizer": optimizer, "step": step, "cpu": cpu,
                       "samples_per_s": args.batch / step, "peak_rss_mb": peak_mb}))
 
 
@@ -166,20 +170,22 @@ def main():
     with official_sources(beta=args.beta_src) as src:
         results = {side: spawn(side, args, src["beta"]) for side in SIDES}
     print(f"one training step, batch {args.batch} x {NUM_TOKENS} tokens x {NUM_REGIONS} regions, {args.threads} "
-          f"threads, median of {args.steps} steps after {args.warmup} warm-up")
-    header = ("side", "forward s", "backward s", "optimizer s", "step s", "samples/s", "peak RSS MB")
+          f"threads, median of {args.steps} steps after {args.warmup} warm-up; load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (other processes inflate the times)")
+    header = ("side", "forward s", "backward s", "optimizer s", "step s", "step CPU s", "samples/s", "peak RSS MB")
     rows = [header]
     for side, r in results.items():
         rows.append((side, "failed: " + r["error"]) if "error" in r else
-                    (side, *(f"{r[k]:.3f}" for k in ("forward", "backward", "optimizer", "step")),
+                    (side, *(f"{r[k]:.3f}" for k in ("forward", "backward", "optimizer", "step", "cpu")),
                      f"{r['samples_per_s']:.2f}", f"{r['peak_rss_mb']:.0f}"))
     widths = [max(len(row[i]) for row in rows if len(row) > i) for i in range(len(header))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)))
-    official = results["official"].get("step")
+    official = results["official"]
     for side in ("ours", "ours-bf16"):
-        if official and "step" in results[side]:
-            print(f"{side} / official step time: {results[side]['step'] / official:.2f} (target <= 0.8)")
+        if "step" in official and "step" in results[side]:
+            print(f"{side} / official: step time {results[side]['step'] / official['step']:.2f} (target <= 0.8), "
+                  f"step CPU time {results[side]['cpu'] / official['cpu']:.2f}")
 
 
 if __name__ == "__main__":
