@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from vilbert.demo_data import (BLOCK, COLOUR_OFFSET, COLOURS, DETECTED_LMDB, GT_LMDB, IMAGE_SIZES, KIND_OFFSET, KINDS,
-                               iou_plus1, make_demo_dataset)
+                               make_demo_dataset)
+from vilbert.dataset import iou_plus_one
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(num_train_images=10, num_val_images=4, num_test_images=3)
@@ -140,10 +141,10 @@ def test_expression_and_features_single_out_the_referent(demo):
         x, y, w, h = anns[ref["ann_id"]]["bbox"]
         ref_box = [x, y, x + w, y + h]
         boxes, features = decode(detected[str(ref["image_id"]).encode()])
-        regions = [(attributes(f), iou_plus1(b, ref_box)) for b, f in zip(boxes, features)]
+        regions = [(attributes(f), iou_plus_one([b], ref_box)[0]) for b, f in zip(boxes, features)]
         assert sum(iou > 0.5 for _, iou in regions) == 1  # the 0.5-oracle is 100%, with one right answer
         image = images[ref["image_id"]]
-        assert iou_plus1([0, 0, image["width"], image["height"]], ref_box) < 0.5  # not the global row
+        assert iou_plus_one([[0, 0, image["width"], image["height"]]], ref_box)[0] < 0.5  # not the global row
         gt_boxes, gt_features = decode(gt[str(ref["image_id"]).encode()])
         assert any(np.allclose(b, ref_box, atol=1e-3) for b in gt_boxes)
         for sent in ref["sentences"]:

@@ -31,6 +31,9 @@ from typing import NamedTuple
 import lmdb
 import numpy as np
 
+from .dataset import iou_plus_one
+from .fileio import atomic_write
+
 DATASET_DIR = "refcoco+"
 REFS_FILE = "refs(unc).p"
 DETECTED_LMDB = "refcoco+_resnet101_faster_rcnn_genome.lmdb"
@@ -133,8 +136,8 @@ def make_demo_dataset(root, *, seed: int = 0, layout: str = "beta", num_train_im
         "categories": [{"supercategory": sup, "id": cid, "name": name}
                        for cid, name, sup in sorted({(k.category_id, k.category, k.supercategory) for k in KINDS})],
     }
-    _atomic_write(data_dir / "instances.json", json.dumps(instances).encode())
-    _atomic_write(data_dir / REFS_FILE, pickle.dumps(refs, protocol=2))
+    atomic_write(data_dir / "instances.json", json.dumps(instances).encode())
+    atomic_write(data_dir / REFS_FILE, pickle.dumps(refs, protocol=2))
     return root
 
 
@@ -184,18 +187,6 @@ def _xyxy(box):
     return [x, y, x + w, y + h]
 
 
-def iou_plus1(a, b) -> float:
-    """IoU of x1y1x2y2 boxes with the official "+1" pixel convention (the one the official targets use)."""
-    iw = min(a[2], b[2]) - max(a[0], b[0]) + 1
-    ih = min(a[3], b[3]) - max(a[1], b[1]) + 1
-    if iw <= 0 or ih <= 0:
-        return 0.0
-    inter = iw * ih
-    area_a = (a[2] - a[0] + 1) * (a[3] - a[1] + 1)
-    area_b = (b[2] - b[0] + 1) * (b[3] - b[1] + 1)
-    return inter / (area_a + area_b - inter)
-
-
 def _features(rng, colour, kind):
     """Non-negative noise, plus scaled one-hot blocks for the colour and kind when the region is an object."""
     feature = np.zeros(FEATURE_SIZE, np.float32)
@@ -238,7 +229,7 @@ def _detections(rng, image_id, width, height, colours, kinds, boxes, free_cells,
             dx, dy = 0.1 * (x2 - x1), 0.1 * (y2 - y1)
             jittered = [max(0.0, x1 + rng.uniform(-dx, dx)), max(0.0, y1 + rng.uniform(-dy, dy)),
                         min(width - 1.0, x2 + rng.uniform(-dx, dx)), min(height - 1.0, y2 + rng.uniform(-dy, dy))]
-            if iou_plus1(jittered, [x1, y1, x2, y2]) > 0.6:
+            if iou_plus_one([jittered], [x1, y1, x2, y2])[0] > 0.6:
                 break
         regions.append((jittered, colour, kind))
     for cell in free_cells[:int(rng.integers(2, 4))]:
@@ -291,12 +282,6 @@ def _annotation(rng, ann_id, image_id, category_id, box):
     area = 0.5 * abs(float(np.dot(xs, np.roll(ys, -1)) - np.dot(ys, np.roll(xs, -1))))  # shoelace
     return {"segmentation": [polygon], "area": area, "iscrowd": 0, "image_id": image_id, "bbox": list(box),
             "category_id": category_id, "id": ann_id}
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _write_lmdb(path: Path, records: dict) -> None:

@@ -9,6 +9,8 @@ credentials come from the usual boto3 configuration, so ``AWS_ENDPOINT_URL`` sel
 import os
 import tempfile
 
+from .fileio import atomic_write
+
 _CREDENTIALS_HINT = ("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), and AWS_ENDPOINT_URL for "
                      "an S3-compatible server")
 
@@ -127,18 +129,11 @@ def _download(client, bucket, key, dest, size, etag):
         if os.path.getsize(tmp) != size:
             raise OSError(f"s3://{bucket}/{key}: got {os.path.getsize(tmp)} bytes, expected {size}; retry")
         os.replace(tmp, dest)
-        _write_atomic(_etag_file(dest), etag)
+        atomic_write(_etag_file(dest), etag)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-
-
-def _write_atomic(dest, text):
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), prefix=f".{os.path.basename(dest)}.", suffix=".part")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, dest)
 
 
 def _mb(size):

@@ -4,10 +4,11 @@ Drawn on the COCO image when its path is given, else on a blank canvas of the im
 prediction can be looked at without the 13 GB of COCO images. matplotlib is imported here only.
 """
 
-import os
 from typing import Optional, Sequence
 
 import numpy as np
+
+from .fileio import atomic_path
 
 
 def draw_prediction(path, expression: str, boxes: np.ndarray, scores: np.ndarray, *, image_size,
@@ -45,7 +46,6 @@ def draw_prediction(path, expression: str, boxes: np.ndarray, scores: np.ndarray
         ax.add_patch(patches.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, lw=2, ls="--", edgecolor="red"))
     ax.set_title(f"{title}\n\"{expression}\"" if title else f"\"{expression}\"", fontsize=11)
     fig.tight_layout()
-    tmp = f"{path}.tmp.png"
-    fig.savefig(tmp, dpi=90)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90)
     plt.close(fig)
-    os.replace(tmp, path)
