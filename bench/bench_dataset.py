@@ -13,8 +13,8 @@ every variant, so only sample assembly is timed, the work a DataLoader worker do
 - ours (cache fp32 / fp16): on `FeatureCache` files built by `build_feature_cache` (fp16 features are
   handed on as float16; the model side casts each batch once).
 Variants are timed in interleaved rounds and each keeps its best round, which makes the ratios stable on a
-shared machine. Prints one table: samples/s for the train split (detected + ground-truth boxes) and the val split, and each
-variant's speed relative to the official one (target: >= 10x with the cache).
+shared machine. Prints one table: samples/s for the train split (detected + ground-truth boxes) and the val
+split, and each variant's speed relative to the official one (target: >= 10x with the cache).
 """
 
 import argparse
