@@ -207,7 +207,7 @@ def test_cache_matches_lmdb(two_layouts, float16):
     path = two_layouts[0]["beta"]
     reader = ImageFeaturesReader(path)
     cache_path = build_feature_cache(path, float16=float16, progress=False)
-    assert cache_path == default_cache_path(path) and not list(cache_path.parent.glob("*.tmp-*"))
+    assert cache_path == default_cache_path(path) and not list(cache_path.parent.glob("*.tmp*"))
     cache = open_features(path)
     assert isinstance(cache, FeatureCache)
     assert cache.image_ids == reader.image_ids and len(cache) == 3 and 123 in cache and 5 not in cache

@@ -18,7 +18,6 @@ import functools
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Dict, List
 
@@ -28,6 +27,7 @@ import paddle
 from pyutils.refer import REFER
 
 from .features import FeatureReader
+from .fileio import atomic_path
 from .tokenization import BertTokenizer
 
 TOKENIZATION = "beta"  # [CLS] + pieces + [SEP], then cut: see tokenize_expression
@@ -155,11 +155,8 @@ class ReferExpressionDataset(paddle.io.Dataset):
                   "ref_id": np.array(ref_ids, np.int64), "image_id": np.array(image_ids, np.int64),
                   "ref_box": np.array(ref_boxes, np.float64), "input_ids": input_ids,
                   "length": np.array([len(ids) for ids in tokens], np.int64)}
-        self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.cache_path.with_name(f"{self.cache_path.name}.tmp-{os.getpid()}")
-        with open(tmp, "wb") as f:
+        with atomic_path(self.cache_path) as tmp, open(tmp, "wb") as f:
             np.savez(f, **arrays)
-        os.replace(tmp, self.cache_path)
         return arrays
 
     def _check_features(self) -> None:

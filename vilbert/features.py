@@ -27,6 +27,8 @@ import lmdb
 import numpy as np
 from tqdm import tqdm
 
+from .fileio import atomic_path
+
 FEATURE_DIM = 2048  # pool5_flat of the bottom-up ResNet-101 / ResNeXt-152 detectors
 DOWNLOAD_HINT = "run `bash download_dataset.sh` (or point the features path at the LMDB folder)"
 CACHE_SUFFIX = ".cache"
@@ -284,41 +286,35 @@ def build_feature_cache(lmdb_path, out=None, *, float16: bool = False, progress:
     signature = lmdb_signature(lmdb_path)
     out = Path(out) if out else default_cache_path(lmdb_path)
     dtype = np.dtype(np.float16 if float16 else np.float32)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     index, spatials, boxes, rows = [], [], [], 0
-    try:
-        with open(tmp, "wb") as f:
-            f.write(b"\0" * CACHE_ALIGN)
-            for key in tqdm(reader.keys(), desc=f"Caching {os.path.basename(reader.path)}", disable=not progress):
-                region = reader[key.decode()]
-                with np.errstate(over="ignore"):  # checked just below
-                    features = region.features.astype(dtype)
-                if float16 and not np.isfinite(features).all():
-                    raise FeaturesError(f"image id {key.decode()} has features beyond the float16 range; "
-                                        f"build the cache without --float16")
-                f.write(features.tobytes())
-                spatials.append(region.spatials)
-                boxes.append(region.boxes)
-                index.append((rows, region.num_boxes, region.image_w, region.image_h))
-                rows += region.num_boxes
-            arrays = {"features": [CACHE_ALIGN, dtype.str, [rows, FEATURE_DIM]]}
-            for name, array in (("spatials", np.concatenate(spatials)), ("boxes", np.concatenate(boxes)),
-                                ("index", np.asarray(index, np.int64).reshape(-1, 4))):
-                f.write(b"\0" * (-f.tell() % CACHE_ALIGN))
-                arrays[name] = [f.tell(), array.dtype.str, list(array.shape)]
-                f.write(np.ascontiguousarray(array).tobytes())
-            header = json.dumps({"version": CACHE_VERSION, "source": signature, "source_path": reader.path,
-                                 "keys": [k.decode() for k in reader.keys()], "arrays": arrays}).encode()
-            header_offset = f.tell()
-            f.write(header)
-            f.seek(0)
-            f.write(CACHE_MAGIC + struct.pack("<QQ", header_offset, len(header)))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(out) as tmp, open(tmp, "wb") as f:
+        f.write(b"\0" * CACHE_ALIGN)
+        for key in tqdm(reader.keys(), desc=f"Caching {os.path.basename(reader.path)}", disable=not progress):
+            region = reader[key.decode()]
+            with np.errstate(over="ignore"):  # checked just below
+                features = region.features.astype(dtype)
+            if float16 and not np.isfinite(features).all():
+                raise FeaturesError(f"image id {key.decode()} has features beyond the float16 range; "
+                                    f"build the cache without --float16")
+            f.write(features.tobytes())
+            spatials.append(region.spatials)
+            boxes.append(region.boxes)
+            index.append((rows, region.num_boxes, region.image_w, region.image_h))
+            rows += region.num_boxes
+        arrays = {"features": [CACHE_ALIGN, dtype.str, [rows, FEATURE_DIM]]}
+        for name, array in (("spatials", np.concatenate(spatials)), ("boxes", np.concatenate(boxes)),
+                            ("index", np.asarray(index, np.int64).reshape(-1, 4))):
+            f.write(b"\0" * (-f.tell() % CACHE_ALIGN))
+            arrays[name] = [f.tell(), array.dtype.str, list(array.shape)]
+            f.write(np.ascontiguousarray(array).tobytes())
+        header = json.dumps({"version": CACHE_VERSION, "source": signature, "source_path": reader.path,
+                             "keys": [k.decode() for k in reader.keys()], "arrays": arrays}).encode()
+        header_offset = f.tell()
+        f.write(header)
+        f.seek(0)
+        f.write(CACHE_MAGIC + struct.pack("<QQ", header_offset, len(header)))
+        f.flush()
+        os.fsync(f.fileno())
     return out
 
 
