@@ -129,7 +129,8 @@ def make_inputs(config, text_lengths, region_counts, num_tokens, num_regions, se
     boxes = np.concatenate([corners[:, :, 0], corners[:, :, 1]], axis=-1)  # x1, y1, x2, y2 in [0, 1]
     area = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
     locations = np.concatenate([boxes, area[..., None]], axis=-1).astype(np.float32)
-    features[:, 0] = (features[:, 1:] * region_mask[:, 1:, None]).sum(1) / np.maximum(region_mask[:, 1:].sum(1), 1)[:, None]
+    detections = region_mask[:, 1:, None]
+    features[:, 0] = (features[:, 1:] * detections).sum(1) / np.maximum(detections.sum(1), 1)
     locations[:, 0] = [0, 0, 1, 1, 1]
     features *= region_mask[..., None]
     locations *= region_mask[..., None]
