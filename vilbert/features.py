@@ -156,6 +156,12 @@ def _read_lmdb(path: str, identity: tuple, key: bytes) -> Optional[bytes]:
                 env = lmdb.open(path, readonly=True, lock=False, readahead=False, meminit=False)
             except lmdb.Error as err:
                 raise FeaturesError(f"{path} cannot be opened as an LMDB ({err}); {DOWNLOAD_HINT}") from None
+            # A truncated data.mdb is still mapped, and the first read past its end kills the process (SIGBUS).
+            needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+            if identity[2] < needed:
+                env.close()
+                raise FeaturesError(f"{path}/data.mdb is truncated ({identity[2]:,} bytes, the database needs "
+                                    f"{needed:,}): the download was probably interrupted; {DOWNLOAD_HINT}")
             _ENVIRONMENTS[path] = (identity, env)
         with env.begin() as txn:
             return txn.get(key)
