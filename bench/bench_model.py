@@ -12,7 +12,8 @@ tools/make_parity_reference.py). Each side runs in its own subprocess, so its pe
 same MKL/OpenMP thread count. Ours also runs under bf16 autocast (AMP O1), as ``--amp bf16`` trains.
 
 Prints per side the median over timed steps of forward (incl. the loss), backward, optimizer step + gradient
-reset, their sum, the CPU time of a step, samples/s, and peak RSS; then ours/official step time (target: <= 0.8).
+reset, their sum, the CPU time of a step, samples/s, peak RSS and the load average when the side finished;
+then ours/official (target: <= 0.8).
 """
 import argparse
 import json
@@ -138,7 +139,7 @@ def run_side(args):
     step = forward + backward + optimizer
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     print(json.dumps({"forward": forward, "backward": backward, "optimizer": optimizer, "step": step, "cpu": cpu,
-                      "samples_per_s": args.batch / step, "peak_rss_mb": peak_mb}))
+                      "samples_per_s": args.batch / step, "peak_rss_mb": peak_mb, "load": os.getloadavg()[0]}))
 
 
 def spawn(side, args, beta_src):
@@ -170,14 +171,15 @@ def main():
     with official_sources(beta=args.beta_src) as src:
         results = {side: spawn(side, args, src["beta"]) for side in SIDES}
     print(f"one training step, batch {args.batch} x {NUM_TOKENS} tokens x {NUM_REGIONS} regions, {args.threads} "
-          f"threads, median of {args.steps} steps after {args.warmup} warm-up; load average "
-          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (other processes inflate the times)")
-    header = ("side", "forward s", "backward s", "optimizer s", "step s", "step CPU s", "samples/s", "peak RSS MB")
+          f"threads, median of {args.steps} steps after {args.warmup} warm-up, {os.cpu_count()} CPUs (a load average "
+          "above the thread count means other processes inflated the times)")
+    header = ("side", "forward s", "backward s", "optimizer s", "step s", "step CPU s", "samples/s", "peak RSS MB",
+              "load avg")
     rows = [header]
     for side, r in results.items():
         rows.append((side, "failed: " + r["error"]) if "error" in r else
                     (side, *(f"{r[k]:.3f}" for k in ("forward", "backward", "optimizer", "step", "cpu")),
-                     f"{r['samples_per_s']:.2f}", f"{r['peak_rss_mb']:.0f}"))
+                     f"{r['samples_per_s']:.2f}", f"{r['peak_rss_mb']:.0f}", f"{r['load']:.1f}"))
     widths = [max(len(row[i]) for row in rows if len(row) > i) for i in range(len(header))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)))
