@@ -119,7 +119,7 @@ def fail_at_epoch_1(monkeypatch, target: str) -> None:
 
         monkeypatch.setattr(vilbert.checkpoint.paddle, "save", save)
     elif target == "metrics.jsonl":
-        real_write, writes = vilbert.training._write_atomic, []
+        real_write, writes = vilbert.training.atomic_write, []
 
         def write(path, text):
             if path.name == "metrics.jsonl":
@@ -128,7 +128,7 @@ def fail_at_epoch_1(monkeypatch, target: str) -> None:
                     raise Killed
             real_write(path, text)
 
-        monkeypatch.setattr(vilbert.training, "_write_atomic", write)
+        monkeypatch.setattr(vilbert.training, "atomic_write", write)
     else:
         real_plot, plots = vilbert.training.plot_curves, []
 

@@ -10,9 +10,9 @@ boundary continues exactly as if it had never stopped.
 import contextlib
 import dataclasses
 import json
-import os
 import random
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +24,7 @@ from .config import ConfigError, ViLBertConfig
 from .dataset import ReferExpressionDataset, collate
 from .engine import EpochBatchSampler, NonFiniteLossError, evaluate, train_one_epoch
 from .features import FeaturesError, ImageNotInFeatures, open_features
+from .fileio import atomic_path, atomic_write
 from .model import VILBertForVLTasks, ViLBertOutput
 from .optimization import BertAdam, build_param_groups, describe_param_groups
 from .options import OptionsError, RunOptions, resolve_device
@@ -210,8 +211,11 @@ def fit(options: RunOptions) -> dict:
         log(f"Resumed from {resume_path}: continuing at epoch {start_epoch}")
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(run_dir / "config.yaml", options.to_yaml())
+        atomic_write(run_dir / "config.yaml", options.to_yaml())
     network = VisionLogitDataParallel(model) if dist.get_world_size() > 1 else model
+    if options.amp != "off" and device == "cpu":
+        log(f"Note: --amp {options.amp} has no effect on CPU: Paddle's autocast only acts on GPU (and XPU) devices.")
+        warnings.filterwarnings("ignore", message="amp_guard can only be enabled")
     # fp16 needs loss scaling (bf16 has fp32's range and does not); weights stay fp32 under O1 autocast
     scaler = paddle.amp.GradScaler(init_loss_scaling=2.0 ** 15) if options.amp == "fp16" else None
 
@@ -240,7 +244,7 @@ def fit(options: RunOptions) -> dict:
         if result.accuracy > best["val_accuracy"]:
             best = {"val_accuracy": result.accuracy, "epoch": epoch}
             save_checkpoint(model.state_dict(), run_dir / "best.pdparams")
-        _write_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in history))
+        atomic_write(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in history))
         plot_curves(history, run_dir / "curves.png")
         # last, as the commit point: a run killed before it redoes this epoch, with nothing of it missing
         save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
@@ -266,12 +270,6 @@ def _read_history(path: Path, before: int) -> list:
     return [m for m in map(json.loads, path.read_text().splitlines()) if m["epoch"] < before]
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def plot_curves(history: list, path: Path) -> None:
     """Loss and accuracy per epoch, written atomically as a PNG."""
     import matplotlib
@@ -291,7 +289,6 @@ def plot_curves(history: list, path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
