@@ -114,22 +114,19 @@ def test_tokens_padding_and_truncation(root, tokenizer):
 def test_train_mixes_gt_boxes_and_zeroes_low_iou(root, tokenizer):
     sample = build(root, "train", tokenizer)[0]
     det, gt = open_features(root / DET, cache=False)[1], open_features(root / GT, cache=False)[1]
-    assert sample["image_mask"].tolist() == [1] * 7 + [0] * 93
+    assert sample["image_mask"].tolist() == [1] * 7  # padding is collate's
     np.testing.assert_array_equal(sample["features"][:5], det.features)
     np.testing.assert_array_equal(sample["features"][5:7], gt.features[1:])  # gt whole-image row dropped
     np.testing.assert_array_equal(sample["spatials"][5:7], gt.spatials[1:])
     np.testing.assert_array_equal(sample["boxes"][:7], np.concatenate([det.boxes, gt.boxes[1:]]))
     np.testing.assert_allclose(sample["target"][:7, 0], TRAIN_TARGET, rtol=1e-6)
-    for key in ("features", "spatials", "boxes", "target"):
-        assert not sample[key][7:].any(), key
-    assert sample["features"].shape == (100, 2048) and sample["target"].shape == (100, 1)
-    assert sample["co_attention_mask"].shape == (100, 20) and not sample["co_attention_mask"].any()
+    assert sample["features"].shape == (7, 2048) and sample["target"].shape == (7, 1)
     assert (sample["sent_id"], sample["ref_id"], sample["image_id"]) == (10, 0, 1)
 
 
 def test_val_uses_detections_and_raw_iou(root, tokenizer):
     sample = build(root, "val", tokenizer)[0]
-    assert sample["image_mask"].tolist() == [1] * 4 + [0] * 96
+    assert sample["image_mask"].tolist() == [1] * 4
     np.testing.assert_allclose(sample["target"][:4, 0], VAL_TARGET, rtol=1e-6)
     assert sample["target"][3, 0] == np.float32(0.5)  # an IoU of exactly 0.5 is kept as is
     np.testing.assert_array_equal(sample["spatials"][0], [0, 0, 1, 1, 1])
@@ -237,10 +234,15 @@ def test_float16_cache_hands_on_float16(root, tokenizer):
 
 def test_collate_stacks_numpy(root, tokenizer):
     data = build(root, "train", tokenizer)
-    batch = collate([data[0], data[1]])
-    assert batch["features"].shape == (2, 100, 2048) and batch["target"].shape == (2, 100, 1)
-    assert batch["co_attention_mask"].shape == (2, 100, 20)
-    assert batch["sent_id"].tolist() == [10, 11] and batch["sent_id"].dtype == np.int64
+    short = build(root, "val", tokenizer)[0]  # 4 regions against the train sample's 7
+    batch = collate([data[0], short])
+    assert batch["features"].shape == (2, 7, 2048) and batch["target"].shape == (2, 7, 1)
+    assert batch["image_mask"].tolist() == [[1] * 7, [1] * 4 + [0] * 3]
+    for key in ("features", "spatials", "boxes", "target"):  # padded rows are zero
+        assert not batch[key][1, 4:].any(), key
+    np.testing.assert_array_equal(batch["features"][1, :4], short["features"])
+    assert batch["co_attention_mask"].shape == (2, 7, 20) and not batch["co_attention_mask"].any()
+    assert batch["sent_id"].tolist() == [10, short["sent_id"]] and batch["sent_id"].dtype == np.int64
     assert all(isinstance(value, np.ndarray) for value in batch.values())
 
 

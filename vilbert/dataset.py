@@ -7,7 +7,7 @@ One sample per sentence of `REFER.getRefIds(split=split)`; the caption is the se
 - Regions: the detected boxes (whole-image row first); for the train split, followed by the referred
   objects' ground-truth boxes (without the gt file's whole-image row), cut to `max_region_num`.
 - Target: the IoU ("+1" pixel convention) of every region with the referred box; in train, values below 0.5
-  are zeroed. Padding rows are zero and masked out by `image_mask`.
+  are zeroed. `collate` zero-pads the regions of a batch; padded rows are masked out by `image_mask`.
 
 The tokenized entries of a split are cached under `cache_dir` in a file whose name carries a hash of
 everything they depend on (vocab, lengths, tokenization style, annotation files), so a stale cache is never
@@ -32,6 +32,7 @@ from .tokenization import BertTokenizer
 
 TOKENIZATION = "beta"  # [CLS] + pieces + [SEP], then cut: see tokenize_expression
 ENTRIES_FORMAT = 1  # bump when the cached entry arrays change
+REGION_ARRAYS = ("features", "spatials", "boxes", "target", "image_mask")  # one row per region
 _ENTRY_ARRAYS = ("caption", "sent_id", "ref_id", "image_id", "ref_box", "input_ids", "length")
 
 log = logging.getLogger(__name__)
@@ -61,8 +62,25 @@ def tokenize_expression(tokenizer: BertTokenizer, caption: str, max_seq_length: 
 
 
 def collate(batch: List[Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
-    """Samples -> one dict of stacked numpy arrays (for `paddle.io.DataLoader(collate_fn=collate)`)."""
-    return {key: np.stack([sample[key] for sample in batch]) for key in batch[0]}
+    """Samples -> one dict of numpy arrays (for `paddle.io.DataLoader(collate_fn=collate)`).
+
+    Region arrays are zero-padded here, once per batch, to the most regions any sample has (the official
+    dataset pads every sample to max_region_num): padded rows have image_mask 0 and target 0, so they add
+    exactly 0 to the loss and are never chosen, and the model's outputs on real rows are the same. Adds the
+    all-zero co_attention_mask [B, R, T] the official batch carries.
+    """
+    regions = max(len(sample["image_mask"]) for sample in batch)
+    out = {}
+    for key in batch[0]:
+        if key in REGION_ARRAYS:
+            first = batch[0][key]
+            out[key] = np.zeros((len(batch), regions) + first.shape[1:], first.dtype)
+            for row, sample in zip(out[key], batch):
+                row[:len(sample[key])] = sample[key]
+        else:
+            out[key] = np.stack([sample[key] for sample in batch])
+    out["co_attention_mask"] = np.zeros((len(batch), regions, out["input_ids"].shape[1]), np.float32)
+    return out
 
 
 class ReferExpressionDataset(paddle.io.Dataset):
@@ -70,9 +88,10 @@ class ReferExpressionDataset(paddle.io.Dataset):
 
     det_features / gt_features are readers from `vilbert.features` (`open_features`) of the detected-box and
     ground-truth-box LMDBs; the ground-truth boxes are mixed in for the train split only, where they are
-    required. `sample[...]`: features [R, 2048] (float32, or float16 from a float16 cache), spatials [R, 5],
-    image_mask [R], boxes [R, 4] (pixels x1y1x2y2), target [R, 1], input_ids / input_mask / segment_ids [T],
-    co_attention_mask [R, T] (zeros, as official), sent_id / ref_id / image_id (scalars).
+    required. `sample[...]`, one row per kept region (n <= max_region_num; `collate` pads the batch):
+    features [n, 2048] (float32, or float16 from a float16 cache), spatials [n, 5], boxes [n, 4] (pixels
+    x1y1x2y2), target [n, 1], image_mask [n] (ones); input_ids / input_mask / segment_ids [T];
+    sent_id / ref_id / image_id (scalars).
     """
 
     def __init__(self, dataroot, split: str, tokenizer: BertTokenizer, det_features: FeatureReader,
@@ -185,37 +204,24 @@ class ReferExpressionDataset(paddle.io.Dataset):
         return len(self._sent_id)
 
     def __getitem__(self, index: int) -> Dict[str, np.ndarray]:
-        regions, tokens = self.max_region_num, self.max_seq_length
+        regions = self.max_region_num
         image_id = self._image_id[index]
         det = self.det_features[image_id]
         gt = self.gt_features[image_id] if self.mixes_gt else None
-        dtype = det.features.dtype if gt is None else np.result_type(det.features.dtype, gt.features.dtype)
-        features = np.zeros((regions, det.features.shape[1]), dtype)
-        spatials = np.zeros((regions, 5), np.float32)
-        boxes = np.zeros((regions, 4), np.float32)
         num_det = min(det.num_boxes, regions)
-        features[:num_det], spatials[:num_det], boxes[:num_det] = (
-            det.features[:num_det], det.spatials[:num_det], det.boxes[:num_det])
-        num_regions = num_det
-        if gt is not None:  # gt rows after all detections, without gt row 0: min(n + gn - 1, R) rows in all
-            num_gt = min(gt.num_boxes - 1, regions - num_det)
-            rows = slice(num_det, num_det + num_gt)
-            features[rows], spatials[rows], boxes[rows] = (
-                gt.features[1:1 + num_gt], gt.spatials[1:1 + num_gt], gt.boxes[1:1 + num_gt])
-            num_regions += num_gt
-        target = np.zeros((regions, 1), np.float32)
+        # gt rows after all detections, without gt row 0: min(n + gn - 1, R) rows in all
+        num_gt = 0 if gt is None else min(gt.num_boxes - 1, regions - num_det)
+        parts = [(det, slice(0, num_det))] + ([(gt, slice(1, 1 + num_gt))] if num_gt else [])
+        features, spatials, boxes = (np.concatenate([getattr(source, field)[rows] for source, rows in parts])
+                                     for field in ("features", "spatials", "boxes"))
         # IoU of the kept rows only: the same as 12-in-1's `target[:mix_num] = mix_target[:mix_num]`; beta
         # assigns the uncut mix_target and would crash when rows are cut.
-        iou = iou_plus_one(boxes[:num_regions], self._ref_box[index])
+        target = iou_plus_one(boxes, self._ref_box[index])
         if self.mixes_gt:
-            iou[iou < 0.5] = 0
-        target[:num_regions, 0] = iou
-        image_mask = np.zeros(regions, np.int64)
-        image_mask[:num_regions] = 1
+            target[target < 0.5] = 0
         return {
-            "features": features, "spatials": spatials, "image_mask": image_mask, "boxes": boxes,
-            "target": target, "input_ids": self._input_ids[index].copy(),
-            "input_mask": self._input_mask[index].copy(), "segment_ids": np.zeros(tokens, np.int64),
-            "co_attention_mask": np.zeros((regions, tokens), np.float32),
+            "features": features, "spatials": spatials, "boxes": boxes, "target": target[:, None],
+            "image_mask": np.ones(len(boxes), np.int64), "input_ids": self._input_ids[index].copy(),
+            "input_mask": self._input_mask[index].copy(), "segment_ids": np.zeros(self.max_seq_length, np.int64),
             "sent_id": self._sent_id[index], "ref_id": self._ref_id[index], "image_id": image_id,
         }
