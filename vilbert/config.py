@@ -8,6 +8,7 @@ validated after loading, so a typo in a config is an error rather than a silentl
 
 import dataclasses
 import json
+import typing
 from dataclasses import dataclass, field
 from typing import List
 
@@ -92,8 +93,8 @@ class ViLBertConfig:
             else:
                 errors.append(f"unknown key {key!r}")
                 continue
-            if not _has_type(value, expected):
-                errors.append(f"{key}={value!r} should be {_type_name(expected)}")
+            if not has_type(value, expected):
+                errors.append(f"{key}={value!r} should be {type_name(expected)}")
             elif key in fields:
                 kwargs[key] = float(value) if expected is float else value
         if errors:
@@ -141,15 +142,19 @@ class ViLBertConfig:
             raise ConfigError("invalid ViLBERT config: " + "; ".join(problems))
 
 
-def _has_type(value, expected) -> bool:
+def has_type(value, expected) -> bool:
+    """A JSON/YAML value against a field type: int (not bool), float (ints accepted), str, bool, List[...]."""
+    if typing.get_origin(expected) is list:
+        (item,) = typing.get_args(expected)
+        return isinstance(value, list) and all(has_type(v, item) for v in value)
     if expected is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if expected is int:
         return isinstance(value, int) and not isinstance(value, bool)
-    if expected == List[int]:
-        return isinstance(value, list) and all(_has_type(v, int) for v in value)
     return isinstance(value, expected)
 
 
-def _type_name(expected) -> str:
-    return "a list of ints" if expected == List[int] else expected.__name__
+def type_name(expected) -> str:
+    if typing.get_origin(expected) is list:
+        return f"a list of {type_name(typing.get_args(expected)[0])}s"
+    return expected.__name__

@@ -178,7 +178,28 @@ os.register_at_fork(before=_close_environments_before_fork, after_in_parent=_ENV
                     after_in_child=_ENVIRONMENTS_LOCK.release)
 
 
-class ImageFeaturesReader:
+class _KeyedStore:
+    """What both readers share: the official key list, in file order, and lookups by image id."""
+
+    _keys: List[bytes]
+    _positions: Dict[bytes, int]  # key -> its index in _keys
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, image_id) -> bool:
+        return _key(image_id) in self._positions
+
+    @property
+    def image_ids(self) -> List[int]:
+        return [int(k) for k in self._keys]
+
+    def keys(self) -> List[bytes]:
+        """The raw LMDB keys, in file order (the official reader's `keys()`)."""
+        return list(self._keys)
+
+
+class ImageFeaturesReader(_KeyedStore):
     """`reader[image_id] -> RegionFeatures` from an official LMDB folder (beta or 12-in-1 records)."""
 
     dtype = np.dtype(np.float32)  # of the features handed on
@@ -196,25 +217,11 @@ class ImageFeaturesReader:
         if not isinstance(keys, list):
             raise FeaturesError(f"the b'keys' record of {self.path} is corrupt: a {type(keys).__name__}, not a list")
         self._keys: List[bytes] = [k.encode() if isinstance(k, str) else bytes(k) for k in keys]
-        self._key_set = frozenset(self._keys)
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-    def __contains__(self, image_id) -> bool:
-        return _key(image_id) in self._key_set
-
-    @property
-    def image_ids(self) -> List[int]:
-        return [int(k) for k in self._keys]
-
-    def keys(self) -> List[bytes]:
-        """The raw LMDB keys, in file order (the official reader's `keys()`)."""
-        return list(self._keys)
+        self._positions = {k: i for i, k in enumerate(self._keys)}
 
     def __getitem__(self, image_id) -> RegionFeatures:
         key = _key(image_id)
-        if key not in self._key_set:
+        if key not in self._positions:
             raise ImageNotInFeatures(f"image id {image_id} not in {self.path}; the features do not cover this split?")
         raw = _read_lmdb(*self._lmdb, key)
         what = f"the record of image id {image_id} in {self.path}"
@@ -324,7 +331,7 @@ def build_feature_cache(lmdb_path, out=None, *, float16: bool = False, progress:
     return out
 
 
-class FeatureCache:
+class FeatureCache(_KeyedStore):
     """`cache[image_id] -> RegionFeatures` from a cache file; the same interface as `ImageFeaturesReader`.
 
     With `source` (the LMDB folder it was built from), a cache whose source has changed since is refused.
@@ -388,19 +395,6 @@ class FeatureCache:
         state = dict(self.__dict__)
         state["_pid"], state["_mapped"] = None, None
         return state
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-    def __contains__(self, image_id) -> bool:
-        return _key(image_id) in self._positions
-
-    @property
-    def image_ids(self) -> List[int]:
-        return [int(k) for k in self._keys]
-
-    def keys(self) -> List[bytes]:
-        return list(self._keys)
 
     def __getitem__(self, image_id) -> RegionFeatures:
         position = self._positions.get(_key(image_id))

@@ -15,6 +15,8 @@ from typing import List
 
 import yaml
 
+from .config import has_type, type_name
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TASK_CONFIG = PROJECT_ROOT / "config" / "refcoco+.yml"
 DEMO_TASK_CONFIG = PROJECT_ROOT / "config" / "demo.yml"
@@ -113,8 +115,8 @@ def load_task_config(path) -> dict:
     fields = {f.name: f for f in dataclasses.fields(RunOptions)}
     problems = [f"unknown key {k!r}" for k in values if k not in fields]
     for key, value in values.items():
-        if key in fields and not _has_type(value, _field_type(fields[key])):
-            problems.append(f"{key}={value!r} should be {_field_type(fields[key]).__name__}")
+        if key in fields and not has_type(value, fields[key].type):
+            problems.append(f"{key}={value!r} should be {type_name(fields[key].type)}")
     if problems:
         raise OptionsError(f"{path}: " + "; ".join(problems))
     return {k: float(v) if _field_type(fields[k]) is float else v for k, v in values.items()}
@@ -162,14 +164,6 @@ def parse_options(parser: argparse.ArgumentParser, argv=None, config_beside_chec
 
 def _field_type(f: dataclasses.Field):
     return list if typing.get_origin(f.type) is list else f.type
-
-
-def _has_type(value, expected) -> bool:
-    if expected is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if expected is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, expected)
 
 
 def resolve_device(device: str) -> str:
