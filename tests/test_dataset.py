@@ -241,7 +241,11 @@ def test_collate_stacks_numpy(root, tokenizer):
     for key in ("features", "spatials", "boxes", "target"):  # padded rows are zero
         assert not batch[key][1, 4:].any(), key
     np.testing.assert_array_equal(batch["features"][1, :4], short["features"])
-    assert batch["co_attention_mask"].shape == (2, 7, 20) and not batch["co_attention_mask"].any()
+    tokens = max(int(data[0]["input_mask"].sum()), int(short["input_mask"].sum()))  # the longest expression
+    assert tokens < 20 and batch["input_ids"].shape == (2, tokens)
+    assert batch["input_mask"].sum() == data[0]["input_mask"].sum() + short["input_mask"].sum()  # only padding cut
+    np.testing.assert_array_equal(batch["input_ids"][1], short["input_ids"][:tokens])
+    assert batch["co_attention_mask"].shape == (2, 7, tokens) and not batch["co_attention_mask"].any()
     assert batch["sent_id"].tolist() == [10, short["sent_id"]] and batch["sent_id"].dtype == np.int64
     assert all(isinstance(value, np.ndarray) for value in batch.values())
 

@@ -1,5 +1,5 @@
 """End to end on generated data: train.py's run directory and log, eval.py reproducing the logged accuracy
-and writing its predictions, predict.py's box and picture; and batch trimming changing no number."""
+and writing its predictions, predict.py's box and picture; and per-batch padding (collate) changing no number."""
 
 import contextlib
 import io
@@ -16,7 +16,7 @@ import train
 from training_support import TEST_MODEL, make_tiny_root, read_metrics, read_weights, run_flags
 from vilbert.config import ViLBertConfig
 from vilbert.dataset import collate
-from vilbert.engine import forward, trim_padding
+from vilbert.engine import forward
 from vilbert.model import VILBertForVLTasks
 from vilbert.options import RunOptions, load_task_config
 from vilbert.tokenization import BertTokenizer
@@ -111,11 +111,18 @@ def test_predict_prints_a_box_and_draws_it(run, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("split", ["train", "val"])
-def test_trim_padding_keeps_loss_and_choice(root, split):
+def test_batch_padding_keeps_loss_and_choice(root, split):
     options = RunOptions(dataroot=str(root), config_file=str(TEST_MODEL), feature_cache=False)
     dataset = build_dataset(options, split, BertTokenizer(options.bert_model))
-    batch = {k: paddle.to_tensor(v) for k, v in collate([dataset[i] for i in range(6)]).items()}
-    trimmed = trim_padding(batch)
+    collated = collate([dataset[i] for i in range(6)])
+    # the official batch: every sample padded to max_region_num regions and max_seq_length tokens
+    full = {k: v if v.ndim < 2 else np.pad(v, [(0, 0), (0, options.max_region_num - v.shape[1])] + [(0, 0)] * (v.ndim - 2))
+            for k, v in collated.items() if k not in ("input_ids", "input_mask", "segment_ids", "co_attention_mask")}
+    for key in ("input_ids", "input_mask", "segment_ids"):
+        full[key] = np.stack([dataset[i][key] for i in range(6)])
+    full["co_attention_mask"] = np.zeros((6, options.max_region_num, options.max_seq_length), np.float32)
+    batch = {k: paddle.to_tensor(v) for k, v in full.items()}
+    trimmed = {k: paddle.to_tensor(v) for k, v in collated.items()}
     regions, tokens = trimmed["features"].shape[1], trimmed["input_ids"].shape[1]
     assert regions < options.max_region_num and tokens < options.max_seq_length  # there was padding to cut
     assert int(batch["image_mask"].sum()) == int(trimmed["image_mask"].sum())  # ... and only padding

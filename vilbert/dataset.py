@@ -33,6 +33,7 @@ from .tokenization import BertTokenizer
 TOKENIZATION = "beta"  # [CLS] + pieces + [SEP], then cut: see tokenize_expression
 ENTRIES_FORMAT = 1  # bump when the cached entry arrays change
 REGION_ARRAYS = ("features", "spatials", "boxes", "target", "image_mask")  # one row per region
+TOKEN_ARRAYS = ("input_ids", "input_mask", "segment_ids")  # max_seq_length each, right-padded
 _ENTRY_ARRAYS = ("caption", "sent_id", "ref_id", "image_id", "ref_box", "input_ids", "length")
 
 log = logging.getLogger(__name__)
@@ -64,12 +65,14 @@ def tokenize_expression(tokenizer: BertTokenizer, caption: str, max_seq_length: 
 def collate(batch: List[Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
     """Samples -> one dict of numpy arrays (for `paddle.io.DataLoader(collate_fn=collate)`).
 
-    Region arrays are zero-padded here, once per batch, to the most regions any sample has (the official
-    dataset pads every sample to max_region_num): padded rows have image_mask 0 and target 0, so they add
-    exactly 0 to the loss and are never chosen, and the model's outputs on real rows are the same. Adds the
+    Padding is decided here, once per batch: regions are zero-padded to the most regions any sample has, and
+    tokens cut to the longest expression (the official code pads every sample to max_region_num and
+    max_seq_length). Padded regions have image_mask 0 and target 0, so they add exactly 0 to the loss and are
+    never chosen; padded tokens are only ever masked keys; the outputs on real rows are the same. Adds the
     all-zero co_attention_mask [B, R, T] the official batch carries.
     """
     regions = max(len(sample["image_mask"]) for sample in batch)
+    tokens = max(max(int(sample["input_mask"].sum()) for sample in batch), 1)
     out = {}
     for key in batch[0]:
         if key in REGION_ARRAYS:
@@ -77,6 +80,8 @@ def collate(batch: List[Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
             out[key] = np.zeros((len(batch), regions) + first.shape[1:], first.dtype)
             for row, sample in zip(out[key], batch):
                 row[:len(sample[key])] = sample[key]
+        elif key in TOKEN_ARRAYS:
+            out[key] = np.stack([sample[key][:tokens] for sample in batch])
         else:
             out[key] = np.stack([sample[key] for sample in batch])
     out["co_attention_mask"] = np.zeros((len(batch), regions, out["input_ids"].shape[1]), np.float32)

@@ -1,11 +1,9 @@
 """Batches, the training epoch and evaluation for referring expressions.
 
-The loss and score are the official ones (`vilbert/metrics.py`). Two things here differ from the official
-loop on purpose, and neither changes a number:
-- each batch is cut to the most regions and tokens any of its samples uses (`trim_padding`): padded regions
-  carry a -10000 logit and a 0 target, so they add exactly 0 to the loss and are never chosen, and padded
-  tokens are only ever masked keys;
-- evaluation counts every expression once, also over several devices (no sampler padding).
+The loss and score are the official ones (`vilbert/metrics.py`). Two things differ from the official loop
+on purpose, and neither changes a number: batches are padded only to the most regions and tokens any of
+their samples uses (`dataset.collate`), and evaluation counts every expression once, also over several
+devices (no sampler padding).
 """
 
 import math
@@ -65,23 +63,10 @@ class EpochBatchSampler(paddle.io.Sampler):
         return math.ceil(len(self._order()) / self.global_batch) * (self.parts // self.world_size)
 
 
-def trim_padding(batch: Dict[str, paddle.Tensor]) -> Dict[str, paddle.Tensor]:
-    """Cut regions and tokens to the largest count in the batch (valid rows always come first)."""
-    regions = max(int(batch["image_mask"].sum(1).max()), 1)
-    tokens = max(int(batch["input_mask"].sum(1).max()), 1)
-    trimmed = dict(batch)
-    for key in ("features", "spatials", "image_mask", "boxes", "target"):
-        trimmed[key] = batch[key][:, :regions]
-    for key in ("input_ids", "input_mask", "segment_ids"):
-        trimmed[key] = batch[key][:, :tokens]
-    trimmed["co_attention_mask"] = batch["co_attention_mask"][:, :regions, :tokens]
-    return trimmed
-
-
 def prepare(batch: Dict[str, paddle.Tensor]) -> Dict[str, paddle.Tensor]:
-    """A loader batch, trimmed, on the current device; float16 cached features are cast once here."""
+    """A loader batch on the current device; float16 cached features are cast once here."""
     on_gpu = paddle.device.get_device().startswith("gpu")
-    batch = {k: v.cuda() if on_gpu and not v.place.is_gpu_place() else v for k, v in trim_padding(batch).items()}
+    batch = {k: v.cuda() if on_gpu and not v.place.is_gpu_place() else v for k, v in batch.items()}
     batch["features"] = batch["features"].astype("float32")
     return batch
 
