@@ -39,6 +39,7 @@ class EpochBatchSampler(paddle.io.Sampler):
         self.num_samples, self.global_batch = num_samples, global_batch
         self.shuffle, self.seed, self.rank, self.world_size = shuffle, seed, rank, world_size
         self.parts = world_size * accumulation
+        self.micro_batch = global_batch // self.parts  # samples per step of a full global batch
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:

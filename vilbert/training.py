@@ -194,7 +194,7 @@ def fit(options: RunOptions) -> dict:
     resume_path = _resume_path(options)
     model = build_model(options, checkpoint="" if resume_path else options.from_pretrained, log=log)
     steps_per_epoch = len(train_batches) // options.gradient_accumulation_steps
-    micro = len(next(iter(train_batches.batch_sampler)))
+    micro = train_batches.batch_sampler.micro_batch
     optimizer, groups = build_optimizer(model, options, steps_per_epoch)
     log(f"Device: {device} x {dist.get_world_size()}; {len(train_set)} train / {len(val_set)} val expressions; "
         f"batch {options.batch_size} = {dist.get_world_size()} device(s) x "
