@@ -1,6 +1,6 @@
 """One RefCOCO+ training step at the full config, ours (Paddle) against the official PyTorch model, on this CPU.
 
-    python bench/bench_model.py [--beta_src DIR] [--threads 2] [--batch 8] [--warmup 2] [--steps 5]
+    python bench/bench_model.py [--beta_src DIR] [--threads 2] [--batch 8] [--warmup 2] [--steps 6]
 
 Both sides train ``config/bert_base_6layer_6conect.json`` from random init on the same batch (``--batch`` x 20
 tokens x 100 regions, some padding), in train mode, with the REC loss on ``vision_logit`` and beta's optimizer
@@ -8,12 +8,13 @@ tokens x 100 regions, some padding), in train mode, with the REC loss on ``visio
 ``train_tasks.py`` builds them). The official side is jiasenlu/vilbert_beta's ``VILBertForVLTasks``, which also
 runs its pretraining heads (MLM over the vocabulary, region classes) in every forward, as the official training
 does. ``--beta_src`` is a checkout of jiasenlu/vilbert_beta (cloned if not given; see
-tools/make_parity_reference.py). Each side runs in its own subprocess, so its peak RSS is its own, with the
-same MKL/OpenMP thread count. Ours also runs under bf16 autocast (AMP O1), as ``--amp bf16`` trains.
+tools/make_parity_reference.py).
 
-Prints per side the median over timed steps of forward (incl. the loss), backward, optimizer step + gradient
-reset, their sum, the CPU time of a step, samples/s, peak RSS and the load average when the side finished;
-then ours/official (target: <= 0.8).
+Each side lives in its own process (so its peak RSS is its own), with the same MKL/OpenMP thread count, and the
+sides take turns: one step of each, round after round, so that a slow spell of the machine hits both alike.
+Prints per side the median over the timed steps of forward (incl. the loss), backward, optimizer step + gradient
+reset, their sum, the CPU time of a step, samples/s and peak RSS; then ours/official (target: <= 0.8).
+Only float32: Paddle 3.3.1's CPU build has no bfloat16 matmul kernel and its autocast does nothing on CPU.
 """
 import argparse
 import json
@@ -32,7 +33,7 @@ sys.path.insert(0, str(REPO))
 
 CONFIG = REPO / "config/bert_base_6layer_6conect.json"
 NUM_TOKENS, NUM_REGIONS = 20, 100
-SIDES = ("official", "ours", "ours-bf16")
+SIDES = ("official", "ours")
 
 
 def make_batch(batch, seed=0):
@@ -48,16 +49,23 @@ def make_batch(batch, seed=0):
     return inputs, target.astype(np.float32)
 
 
-def time_steps(step, warmup, steps):
-    """Runs ``step()`` -> (forward, backward, optimizer) wall seconds; returns the medians over the timed steps,
-    and the median CPU seconds (all threads) of a whole step, which other processes on the machine inflate less."""
-    for _ in range(warmup):
-        step()
-    timings = []
-    for _ in range(steps):
+def serve(args):
+    """Child process: set up one side, then run one timed step per "step" line on stdin and answer each with one
+    JSON line (forward, backward, optimizer wall seconds and the step's CPU seconds, all threads); "quit" answers
+    with the peak RSS. Answers go to the original stdout; anything the libraries print goes to stderr."""
+    answers = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    step = bench_official(args) if args.side == "official" else bench_ours(args)
+    print("ready", file=answers)
+    for command in sys.stdin:
+        if command.strip() == "quit":
+            peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+            print(json.dumps({"peak_rss_mb": peak_mb}), file=answers)
+            return
         cpu = time.process_time()
-        timings.append((*step(), time.process_time() - cpu))
-    return [statistics.median(column) for column in zip(*timings)]
+        forward, backward, optimizer = step()
+        print(json.dumps({"forward": forward, "backward": backward, "optimizer": optimizer,
+                          "cpu": time.process_time() - cpu}), file=answers)
 
 
 def bench_official(args):
@@ -92,32 +100,31 @@ def bench_official(args):
         model.zero_grad()
         return forward - start, backward - forward, time.perf_counter() - backward
 
-    return time_steps(step, args.warmup, args.steps)
+    return step
 
 
-def bench_ours(args, amp):
+def bench_ours(args):
     import paddle
 
     from tools.make_parity_reference import INPUT_NAMES
     from vilbert import ViLBertConfig, VILBertForVLTasks
-    from vilbert.engine import autocast
     from vilbert.metrics import rec_loss
     from vilbert.optimization import BertAdam, build_param_groups
+    from vilbert.runtime import cpu_threads
 
     paddle.set_device("cpu")
     paddle.seed(0)
     model = VILBertForVLTasks(ViLBertConfig.from_json(CONFIG))
     model.train()
     groups = build_param_groups(model.named_parameters(), base_lr=4e-5, head_lr=1e-4)
-    optimizer = BertAdam(groups, t_total=1000, warmup=0.1)
+    optimizer = BertAdam(groups, t_total=1000, warmup=0.1, threads=cpu_threads())
     inputs, target = make_batch(args.batch)
     tensors = [paddle.to_tensor(inputs[name]) for name in INPUT_NAMES]
     target = paddle.to_tensor(target)
 
     def step():
         start = time.perf_counter()
-        with autocast(amp):
-            vision_logit = model(*tensors).vision_logit
+        vision_logit = model(*tensors).vision_logit
         loss = rec_loss(vision_logit, target)
         float(loss)
         forward = time.perf_counter()
@@ -127,31 +134,26 @@ def bench_ours(args, amp):
         optimizer.clear_grad()
         return forward - start, backward - forward, time.perf_counter() - backward
 
-    return time_steps(step, args.warmup, args.steps)
+    return step
 
 
-def run_side(args):
-    """Child process: time one side, print one JSON line."""
-    if args.side == "official":
-        forward, backward, optimizer, cpu = bench_official(args)
-    else:
-        forward, backward, optimizer, cpu = bench_ours(args, "bf16" if args.side == "ours-bf16" else "off")
-    step = forward + backward + optimizer
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-    print(json.dumps({"forward": forward, "backward": backward, "optimizer": optimizer, "step": step, "cpu": cpu,
-                      "samples_per_s": args.batch / step, "peak_rss_mb": peak_mb, "load": os.getloadavg()[0]}))
-
-
-def spawn(side, args, beta_src):
+def start(side, args, beta_src):
     env = dict(os.environ, MKL_NUM_THREADS=str(args.threads), MKL_DEBUG_CPU_TYPE="5")
     if side == "official":
         env["OMP_NUM_THREADS"] = str(args.threads)  # ours sets Paddle's OpenMP threads from MKL_NUM_THREADS
     command = [sys.executable, __file__, "--side", side, "--beta_src", str(beta_src), "--threads", str(args.threads),
-               "--batch", str(args.batch), "--warmup", str(args.warmup), "--steps", str(args.steps)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
-    if done.returncode:
-        return {"error": (done.stderr.strip().splitlines() or ["exit code %d" % done.returncode])[-1]}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+               "--batch", str(args.batch)]
+    return subprocess.Popen(command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+
+def ask(process, command):
+    """Send one command to a side; its JSON answer."""
+    process.stdin.write(command + "\n")
+    process.stdin.flush()
+    answer = process.stdout.readline()
+    if not answer:
+        raise RuntimeError(f"the benchmark process {process.args[3]} died (its error is above)")
+    return json.loads(answer)
 
 
 def main():
@@ -160,34 +162,45 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # set on the child processes
     args = parser.parse_args()
     if args.side:
-        return run_side(args)
+        return serve(args)
 
     from tools.make_parity_reference import official_sources
 
     with official_sources(beta=args.beta_src) as src:
-        results = {side: spawn(side, args, src["beta"]) for side in SIDES}
+        processes = {side: start(side, args, src["beta"]) for side in SIDES}
+        for side, process in processes.items():  # one at a time, so setting up never overlaps a timed step
+            if process.stdout.readline().strip() != "ready":
+                raise SystemExit(f"the {side} side failed to start (its error is above)")
+        steps = {side: [] for side in SIDES}
+        for round_ in range(args.warmup + args.steps):
+            for side, process in processes.items():
+                time.sleep(0.5)  # the other side's OpenMP threads spin for up to 200 ms after their last kernel
+                answer = ask(process, "step")
+                if round_ >= args.warmup:
+                    steps[side].append(answer)
+        results = {}
+        for side, process in processes.items():
+            results[side] = {key: statistics.median(step[key] for step in steps[side]) for key in steps[side][0]}
+            results[side]["step"] = sum(results[side][key] for key in ("forward", "backward", "optimizer"))
+            results[side].update(ask(process, "quit"))
+            process.wait()
     print(f"one training step, batch {args.batch} x {NUM_TOKENS} tokens x {NUM_REGIONS} regions, {args.threads} "
-          f"threads, median of {args.steps} steps after {args.warmup} warm-up, {os.cpu_count()} CPUs (a load average "
-          "above the thread count means other processes inflated the times)")
-    header = ("side", "forward s", "backward s", "optimizer s", "step s", "step CPU s", "samples/s", "peak RSS MB",
-              "load avg")
-    rows = [header]
-    for side, r in results.items():
-        rows.append((side, "failed: " + r["error"]) if "error" in r else
-                    (side, *(f"{r[k]:.3f}" for k in ("forward", "backward", "optimizer", "step", "cpu")),
-                     f"{r['samples_per_s']:.2f}", f"{r['peak_rss_mb']:.0f}", f"{r['load']:.1f}"))
-    widths = [max(len(row[i]) for row in rows if len(row) > i) for i in range(len(header))]
+          f"threads, the sides alternating step by step, median of {args.steps} steps after {args.warmup} warm-up; "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (above the thread count, other processes "
+          "inflated the times)")
+    header = ("side", "forward s", "backward s", "optimizer s", "step s", "step CPU s", "samples/s", "peak RSS MB")
+    rows = [header] + [(side, *(f"{r[key]:.3f}" for key in ("forward", "backward", "optimizer", "step", "cpu")),
+                        f"{args.batch / r['step']:.2f}", f"{r['peak_rss_mb']:.0f}") for side, r in results.items()]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)))
-    official = results["official"]
-    for side in ("ours", "ours-bf16"):
-        if "step" in official and "step" in results[side]:
-            print(f"{side} / official: step time {results[side]['step'] / official['step']:.2f} (target <= 0.8), "
-                  f"step CPU time {results[side]['cpu'] / official['cpu']:.2f}")
+    ours, official = results["ours"], results["official"]
+    print(f"ours / official: step time {ours['step'] / official['step']:.2f} (target <= 0.8), "
+          f"step CPU time {ours['cpu'] / official['cpu']:.2f}")
 
 
 if __name__ == "__main__":

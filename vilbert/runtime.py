@@ -33,9 +33,14 @@ def set_paddle_threads() -> None:
 
     core = getattr(paddle.base, "core", None)
     if "OMP_NUM_THREADS" not in os.environ and hasattr(core, "set_num_threads"):
-        core.set_num_threads(int(os.environ["MKL_NUM_THREADS"]))
+        core.set_num_threads(cpu_threads())
     if not paddle.is_compiled_with_cuda() and "FLAGS_use_stride_kernel" not in os.environ:
         paddle.set_flags({"FLAGS_use_stride_kernel": False})
+
+
+def cpu_threads() -> int:
+    """The CPU threads this process computes on (MKL's count, which `set_cpu_defaults` fills in)."""
+    return int(os.environ.get("MKL_NUM_THREADS", "1"))
 
 
 def _keep_freed_memory() -> None:
