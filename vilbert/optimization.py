@@ -19,6 +19,11 @@ import paddle
 from paddle import _C_ops
 
 
+# Threads pay off from here: each one's OpenMP team spins on after its kernels, which on the 2.4M-parameter demo
+# model cost more than it saved (2 epochs: 24.6 s on one thread, 28.5 s on two).
+MIN_ELEMENTS_PER_THREAD = 16_000_000
+
+
 def lr_at(step, epoch, *, base_lr, t_total, warmup, milestones, gamma):
     """The lr of one update: ``step`` is the parameter's update count before this update, ``epoch`` is 0-based.
 
@@ -88,7 +93,8 @@ class BertAdam:
     step ``lr * sqrt(1-beta2_pow)/(1-beta1_pow) * s1*m / (sqrt(s2*v) + eps*sqrt(1-beta2_pow))`` is exactly beta's
     ``lr * m / (sqrt(v) + eps)``. Paddle's CPU ``adamw_`` runs on one thread whatever the OpenMP setting, and
     kernels release the GIL, so on CPU the tensors' updates (independent of each other, hence bit-identical in
-    any order) are shared out over ``threads`` Python threads: 1.16 -> 0.65 s per full-config step on 2 cores.
+    any order) are shared out over up to ``threads`` Python threads: 1.16 -> 0.65 s per full-config step on 2
+    cores (large models only, see ``MIN_ELEMENTS_PER_THREAD``).
     """
 
     def __init__(self, param_groups, *, t_total, warmup=0.1, milestones=(12, 16), gamma=0.1, betas=(0.9, 0.999),
@@ -156,10 +162,11 @@ class BertAdam:
     def _run(self, work, jobs):
         """``work(jobs)``, where each job starts with the tensor it writes: on CPU the jobs are shared out over the
         threads, elsewhere they run here (GPU kernels are asynchronous already)."""
-        if self._threads > 1 and jobs and jobs[0][0].place.is_cpu_place():
+        threads = min(self._threads, sum(int(job[0].size) for job in jobs) // MIN_ELEMENTS_PER_THREAD)
+        if threads > 1 and jobs[0][0].place.is_cpu_place():
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix='BertAdam')
-            list(self._pool.map(work, _balanced_shards(jobs, self._threads)))
+            list(self._pool.map(work, _balanced_shards(jobs, threads)))
         else:
             work(jobs)
 
