@@ -110,14 +110,13 @@ def bench_ours(args):
     from vilbert import ViLBertConfig, VILBertForVLTasks
     from vilbert.metrics import rec_loss
     from vilbert.optimization import BertAdam, build_param_groups
-    from vilbert.runtime import cpu_threads
 
     paddle.set_device("cpu")
     paddle.seed(0)
     model = VILBertForVLTasks(ViLBertConfig.from_json(CONFIG))
     model.train()
     groups = build_param_groups(model.named_parameters(), base_lr=4e-5, head_lr=1e-4)
-    optimizer = BertAdam(groups, t_total=1000, warmup=0.1, threads=cpu_threads())
+    optimizer = BertAdam(groups, t_total=1000, warmup=0.1)
     inputs, target = make_batch(args.batch)
     tensors = [paddle.to_tensor(inputs[name]) for name in INPUT_NAMES]
     target = paddle.to_tensor(target)

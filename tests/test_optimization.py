@@ -10,7 +10,6 @@ import numpy as np
 import paddle
 import pytest
 
-from vilbert import optimization
 from vilbert.optimization import BertAdam, build_param_groups, describe_param_groups, lr_at
 
 REFERENCE = Path(__file__).parent / 'data' / 'bertadam_reference.npz'
@@ -97,7 +96,7 @@ def ref():
         return {key: data[key] for key in data.files}
 
 
-def _setup(ref, threads=1):
+def _setup(ref):
     """Parameters at the recorded initial values, grouped by our rules, and a BertAdam with the recorded schedule."""
     names = [str(name) for name in ref['names']]
     params = [paddle.create_parameter(list(ref[f'init_{i}'].shape), 'float32') for i in range(len(names))]
@@ -106,7 +105,7 @@ def _setup(ref, threads=1):
     groups = build_param_groups(zip(names, params), base_lr=float(ref['base_lr']), head_lr=float(ref['head_lr']),
                                 weight_decay=float(ref['weight_decay']))
     optimizer = BertAdam(groups, t_total=int(ref['t_total']), warmup=float(ref['warmup']),
-                         milestones=tuple(ref['milestones'].tolist()), gamma=float(ref['gamma']), threads=threads)
+                         milestones=tuple(ref['milestones'].tolist()), gamma=float(ref['gamma']))
     return names, params, groups, optimizer
 
 
@@ -170,19 +169,6 @@ def test_state_dict_round_trip_resumes_exactly(ref, tmp_path):
         np.testing.assert_array_equal(resumed_param.numpy(), param.numpy())
     # without the state the run differs, so the check above can fail
     assert not all(np.array_equal(f.numpy(), p.numpy()) for f, p in zip(fresh_params, params))
-
-
-def test_updates_spread_over_threads_are_bit_identical_to_one_thread(ref, monkeypatch):
-    monkeypatch.setattr(optimization, 'MIN_ELEMENTS_PER_THREAD', 1)  # the reference's tensors are small
-    _, serial_params, _, serial = _setup(ref)
-    _, threaded_params, _, threaded = _setup(ref, threads=3)
-    for step in range(len(ref['show_lr'])):
-        _apply(ref, serial_params, serial, step)
-        _apply(ref, threaded_params, threaded, step)
-    assert threaded._pool is not None  # the threads did run
-    for serial_param, threaded_param in zip(serial_params, threaded_params):
-        np.testing.assert_array_equal(threaded_param.numpy(), serial_param.numpy())
-    assert serial.state_dict()['state'].keys() == threaded.state_dict()['state'].keys()
 
 
 def test_set_state_dict_rejects_foreign_state(ref):

@@ -12,16 +12,9 @@ ways that change the result, so they are reproduced here exactly (model_spec.md 
 - a parameter without a gradient is skipped (no moments, no decay, its update count does not advance).
 """
 import struct
-from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import paddle
 from paddle import _C_ops
-
-
-# Threads pay off from here: each one's OpenMP team spins on after its kernels, which on the 2.4M-parameter demo
-# model cost more than it saved (2 epochs: 24.6 s on one thread, 28.5 s on two).
-MIN_ELEMENTS_PER_THREAD = 16_000_000
 
 
 def lr_at(step, epoch, *, base_lr, t_total, warmup, milestones, gamma):
@@ -91,14 +84,12 @@ class BertAdam:
     float32 (``1 - 0.999f`` is 1.3e-5 off 0.001), so its moments are ``s1*m`` and ``s2*v`` with
     ``s = (1 - float32(beta)) / (1 - beta)``; with ``beta1_pow = 1 - s1`` and ``beta2_pow = 1 - s2`` the kernel's
     step ``lr * sqrt(1-beta2_pow)/(1-beta1_pow) * s1*m / (sqrt(s2*v) + eps*sqrt(1-beta2_pow))`` is exactly beta's
-    ``lr * m / (sqrt(v) + eps)``. Paddle's CPU ``adamw_`` runs on one thread whatever the OpenMP setting, and
-    kernels release the GIL, so on CPU the tensors' updates (independent of each other, hence bit-identical in
-    any order) are shared out over up to ``threads`` Python threads: 1.16 -> 0.65 s per full-config step on 2
-    cores (large models only, see ``MIN_ELEMENTS_PER_THREAD``).
+    ``lr * m / (sqrt(v) + eps)``. The kernel runs on Paddle's OpenMP threads, which importing ``vilbert`` sets
+    (``vilbert/runtime.py``): 1.2 -> 0.7 s per full-config step on 2 cores.
     """
 
     def __init__(self, param_groups, *, t_total, warmup=0.1, milestones=(12, 16), gamma=0.1, betas=(0.9, 0.999),
-                 eps=1e-6, max_grad_norm=1.0, threads=1):
+                 eps=1e-6, max_grad_norm=1.0):
         lr_at(0, 0, base_lr=0.0, t_total=t_total, warmup=warmup, milestones=milestones, gamma=gamma)  # validates
         names = [name for group in param_groups for name in group['names']]
         if len(set(names)) != len(names):
@@ -120,8 +111,6 @@ class BertAdam:
         self._last_lr = 0.0
         self._logged_name = param_groups[0]['names'][0]  # get_lr reports the lr of this parameter's updates
         self._beta_pows = None
-        self._threads = threads
-        self._pool = None  # the update threads, started at the first CPU step
 
     def set_epoch(self, epoch):
         """Apply the per-epoch decay for 0-based ``epoch`` (call before the epoch's first step)."""
@@ -132,8 +121,9 @@ class BertAdam:
         return self._last_lr
 
     def clear_grad(self, set_to_zero=True):
-        params = [(param,) for group in self._param_groups for param in group['params']]
-        self._run(lambda shard: [param.clear_gradient(set_to_zero) for param, in shard], params)
+        for group in self._param_groups:
+            for param in group['params']:
+                param.clear_gradient(set_to_zero)
 
     @paddle.no_grad()
     def step(self):
@@ -141,10 +131,12 @@ class BertAdam:
                 for name, param in zip(group['names'], group['params']) if param.grad is not None]
         if not live:
             return
+        if self._max_grad_norm > 0:
+            self._clip_each([grad for _, _, _, grad in live])
         if self._beta_pows is None:  # created here, on the device training runs on
             self._beta_pows = tuple(paddle.full([1], 1.0 - scale, dtype='float32') for scale in self._moment_scales)
+        beta1, beta2 = self._betas
         lr_tensors = {}
-        updates = []
         for group, name, param, grad in live:
             state = self._state.get(name)
             if state is None:
@@ -155,43 +147,22 @@ class BertAdam:
                 self._last_lr = lr
             if lr not in lr_tensors:
                 lr_tensors[lr] = paddle.full([1], lr, dtype='float32')
-            updates.append((param, grad, lr_tensors[lr], state, group['weight_decay']))
-            state['step'] += 1
-        self._run(self._update, updates)
-
-    def _run(self, work, jobs):
-        """``work(jobs)``, where each job starts with the tensor it writes: on CPU the jobs are shared out over the
-        threads, elsewhere they run here (GPU kernels are asynchronous already)."""
-        threads = min(self._threads, sum(int(job[0].size) for job in jobs) // MIN_ELEMENTS_PER_THREAD)
-        if threads > 1 and jobs[0][0].place.is_cpu_place():
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix='BertAdam')
-            list(self._pool.map(work, _balanced_shards(jobs, threads)))
-        else:
-            work(jobs)
-
-    @paddle.no_grad()  # in each thread: Paddle's grad mode is per thread
-    def _update(self, updates):
-        if self._max_grad_norm > 0:
-            self._clip_each([grad for _, grad, *_ in updates])
-        beta1, beta2 = self._betas
-        for param, grad, lr, state, decay in updates:
+            decay = group['weight_decay']
             # adamw_(param, grad, lr, moment1, moment2, moment2_max, beta1_pow, beta2_pow, master_param, skip_update,
             #        beta1, beta2, epsilon, lr_ratio, coeff, with_decay, lazy_mode, min_row_size_to_use_multithread,
             #        multi_precision, use_global_beta_pow=True: leave the pows as they are, amsgrad)
-            _C_ops.adamw_(param, grad, lr, state['moment1'], state['moment2'], None, *self._beta_pows,
+            _C_ops.adamw_(param, grad, lr_tensors[lr], state['moment1'], state['moment2'], None, *self._beta_pows,
                           None, None, beta1, beta2, self._eps, 1.0, decay, decay > 0, False, 1000, False, True, False)
+            state['step'] += 1
 
     def _clip_each(self, grads):
         """``clip_grad_norm_(p, max_norm)`` per tensor, in place: scale by ``max_norm/(norm+1e-6)`` when below 1.
 
-        The squared norms are gathered into one vector, so the coefficients cost ONE device-to-host copy per call;
-        they are then formed in float32 by NumPy (Paddle's vectorised CPU sqrt rounds differently with the vector's
-        length, which would make the result depend on how the tensors are shared out over threads), and only the
-        gradients that need it are scaled.
+        The norms are gathered into one vector, so the coefficients cost a few ops and ONE device-to-host copy
+        per step; only the gradients that need it are then scaled (by the same float32 coefficient torch uses).
         """
-        squares = paddle.concat([_C_ops.squared_l2_norm(grad).reshape([1]) for grad in grads]).numpy()
-        coefs = (np.float32(self._max_grad_norm) / (np.sqrt(squares) + np.float32(1e-6))).tolist()
+        norms = paddle.sqrt(paddle.concat([_C_ops.squared_l2_norm(grad).reshape([1]) for grad in grads]))
+        coefs = (self._max_grad_norm / (norms + 1e-6)).numpy().tolist()
         for grad, coef in zip(grads, coefs):
             if coef < 1.0:
                 grad.scale_(coef)
@@ -227,16 +198,6 @@ class BertAdam:
         self._state = state
         self._epoch = int(state_dict['epoch'])
         self._last_lr = float(state_dict['last_lr'])
-
-
-def _balanced_shards(jobs, count):
-    """Split per-tensor jobs into ``count`` lists of about equal element counts (largest tensor to the lightest)."""
-    shards, sizes = [[] for _ in range(count)], [0] * count
-    for job in sorted(jobs, key=lambda job: -int(job[0].size)):
-        lightest = sizes.index(min(sizes))
-        shards[lightest].append(job)
-        sizes[lightest] += int(job[0].size)
-    return shards
 
 
 def _as_float32(value):

@@ -1,8 +1,10 @@
 """Process-wide CPU settings for Paddle, measured on this project's 2-core AMD EPYC machine.
 
-- Threads: Paddle's CPU wheel runs on one thread unless told otherwise. Matmuls follow `MKL_NUM_THREADS`,
-  other kernels Paddle's OpenMP setting; `OMP_NUM_THREADS` is avoided because it makes Paddle print a
-  data-parallel warning on import.
+- Threads: Paddle's CPU wheel runs on one thread unless told otherwise. `MKL_NUM_THREADS` (default: the CPUs
+  this process may use) sets both MKL's threads (matmuls) and Paddle's OpenMP threads (other kernels, such as
+  the optimizer's `adamw_`: 1.2 -> 0.7 s per full-config step on 2 cores). `OMP_NUM_THREADS` cannot serve:
+  importing Paddle sets it to 1 when unset (and warns when it is above 1), so its value depends on what was
+  imported first, and results change with the thread count (the optimizer's rounding does).
 - MKL takes a slow generic path on AMD CPUs unless `MKL_DEBUG_CPU_TYPE=5`: with both, a 800x1024x1024 matmul
   goes from 25 to 136 GFLOP/s, and the optimizer step from 1.35 s to 0.75 s.
 - Strided views (on by default) make a transpose free but the reshape after it, and its gradient, a slow copy
@@ -28,19 +30,14 @@ def set_cpu_defaults() -> None:
 
 
 def set_paddle_threads() -> None:
-    """After Paddle is imported: OpenMP threads as MKL's, and no strided views on CPU-only builds."""
+    """After Paddle is imported: its threads as `MKL_NUM_THREADS` says, and no strided views on CPU-only builds."""
     import paddle
 
     core = getattr(paddle.base, "core", None)
-    if "OMP_NUM_THREADS" not in os.environ and hasattr(core, "set_num_threads"):
-        core.set_num_threads(cpu_threads())
+    if hasattr(core, "set_num_threads"):
+        core.set_num_threads(int(os.environ["MKL_NUM_THREADS"]))
     if not paddle.is_compiled_with_cuda() and "FLAGS_use_stride_kernel" not in os.environ:
         paddle.set_flags({"FLAGS_use_stride_kernel": False})
-
-
-def cpu_threads() -> int:
-    """The CPU threads this process computes on (MKL's count, which `set_cpu_defaults` fills in)."""
-    return int(os.environ.get("MKL_NUM_THREADS", "1"))
 
 
 def _keep_freed_memory() -> None:

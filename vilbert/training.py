@@ -28,7 +28,6 @@ from .fileio import atomic_path, atomic_write
 from .model import VILBertForVLTasks, ViLBertOutput
 from .optimization import BertAdam, build_param_groups, describe_param_groups
 from .options import OptionsError, RunOptions, resolve_device
-from .runtime import cpu_threads
 from .storage import localize
 from .tokenization import BertTokenizer
 
@@ -176,7 +175,7 @@ def build_optimizer(model, options: RunOptions, steps_per_epoch: int) -> BertAda
                                 weight_decay=options.weight_decay, decay_patterns=options.decay_patterns)
     return BertAdam(groups, warmup=options.warmup_proportion, t_total=steps_per_epoch * options.num_train_epochs,
                     eps=options.adam_epsilon, max_grad_norm=options.max_grad_norm,
-                    milestones=options.lr_milestones, gamma=options.lr_gamma, threads=cpu_threads()), groups
+                    milestones=options.lr_milestones, gamma=options.lr_gamma), groups
 
 
 def fit(options: RunOptions) -> dict:
