@@ -1,6 +1,6 @@
 """One RefCOCO+ training step at the full config, ours (Paddle) against the official PyTorch model, on this CPU.
 
-    python bench/bench_model.py [--beta_src DIR] [--threads 2] [--batch 8] [--warmup 2] [--steps 6]
+    python bench/bench_model.py [--beta_src DIR] [--threads 2] [--batch 8] [--rounds 3] [--warmup 1] [--steps 2]
 
 Both sides train ``config/bert_base_6layer_6conect.json`` from random init on the same batch (``--batch`` x 20
 tokens x 100 regions, some padding), in train mode, with the REC loss on ``vision_logit`` and beta's optimizer
@@ -11,7 +11,9 @@ does. ``--beta_src`` is a checkout of jiasenlu/vilbert_beta (cloned if not given
 tools/make_parity_reference.py).
 
 Each side lives in its own process (so its peak RSS is its own), with the same MKL/OpenMP thread count, and the
-sides take turns: one step of each, round after round, so that a slow spell of the machine hits both alike.
+sides take turns, ``--rounds`` times: ``--warmup`` untimed steps (which also absorb the other side's threads
+winding down), then ``--steps`` timed ones, back to back as in training; a slow spell of the machine thus hits
+both sides alike.
 Prints per side the median over the timed steps of forward (incl. the loss), backward, optimizer step + gradient
 reset, their sum, the CPU time of a step, samples/s and peak RSS; then ours/official (target: <= 0.8).
 Only float32: Paddle 3.3.1's CPU build has no bfloat16 matmul kernel and its autocast does nothing on CPU.
@@ -160,8 +162,9 @@ def main():
     parser.add_argument("--beta_src", help="checkout of jiasenlu/vilbert_beta (cloned if not given)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=3, help="turns each side takes")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps at the start of each turn")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per turn")
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # set on the child processes
     args = parser.parse_args()
     if args.side:
@@ -175,12 +178,10 @@ def main():
             if process.stdout.readline().strip() != "ready":
                 raise SystemExit(f"the {side} side failed to start (its error is above)")
         steps = {side: [] for side in SIDES}
-        for round_ in range(args.warmup + args.steps):
+        for _ in range(args.rounds):
             for side, process in processes.items():
-                time.sleep(0.5)  # the other side's OpenMP threads spin for up to 200 ms after their last kernel
-                answer = ask(process, "step")
-                if round_ >= args.warmup:
-                    steps[side].append(answer)
+                answers = [ask(process, "step") for _ in range(args.warmup + args.steps)]
+                steps[side].extend(answers[args.warmup:])
         results = {}
         for side, process in processes.items():
             results[side] = {key: statistics.median(step[key] for step in steps[side]) for key in steps[side][0]}
@@ -188,7 +189,7 @@ def main():
             results[side].update(ask(process, "quit"))
             process.wait()
     print(f"one training step, batch {args.batch} x {NUM_TOKENS} tokens x {NUM_REGIONS} regions, {args.threads} "
-          f"threads, the sides alternating step by step, median of {args.steps} steps after {args.warmup} warm-up; "
+          f"threads, median of {args.rounds} x {args.steps} timed steps, the sides taking turns; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (above the thread count, other processes "
           "inflated the times)")
     header = ("side", "forward s", "backward s", "optimizer s", "step s", "step CPU s", "samples/s", "peak RSS MB")

@@ -3,7 +3,7 @@ import paddle
 import pytest
 
 from vilbert.config import ViLBertConfig
-from vilbert.model import BertEncoder, Dropout, Linear, VILBertForVLTasks
+from vilbert.model import BertEncoder, Dropout, LayerNorm, Linear, VILBertForVLTasks
 
 B, T, N = 2, 6, 5
 
@@ -114,18 +114,22 @@ def test_dropout_only_in_training(model):
     np.testing.assert_array_equal(c, d)
 
 
+@pytest.mark.parametrize("ours, paddles, shape, out_width", [(Linear, paddle.nn.Linear, [3, 7, 16], 12),
+                                                             (LayerNorm, paddle.nn.LayerNorm, [8, 100, 96], 96)],
+                         ids=["Linear", "LayerNorm"])  # LayerNorm's own backward from 64k elements on
 @pytest.mark.parametrize("input_needs_grad", [True, False])
-def test_cpu_linear_computes_what_paddles_linear_computes(input_needs_grad):
-    """The CPU path (its own backward) against nn.Linear with the same parameters: outputs and gradients."""
-    layers = Linear(16, 12), paddle.nn.Linear(16, 12)
+def test_cpu_layers_compute_what_paddles_own_compute(ours, paddles, shape, out_width, input_needs_grad):
+    """The CPU paths (their own backward) against Paddle's layers with the same parameters: outputs, gradients."""
+    args = (shape[-1], out_width) if ours is Linear else (shape[-1],)
+    layers = ours(*args), paddles(*args)
     rng = np.random.default_rng(0)
-    weight = rng.standard_normal([16, 12]).astype("float32")
-    bias = rng.standard_normal([12]).astype("float32")
+    weight = (rng.standard_normal(layers[0].weight.shape) + 1).astype("float32")
+    bias = rng.standard_normal(layers[0].bias.shape).astype("float32")
     for layer in layers:
         layer.weight.set_value(weight)
         layer.bias.set_value(bias)
-    x_value = rng.standard_normal([3, 7, 16]).astype("float32")
-    out_grad = paddle.to_tensor(rng.standard_normal([3, 7, 12]).astype("float32"))
+    x_value = (rng.standard_normal(shape) * 3 + 2).astype("float32")
+    out_grad = paddle.to_tensor(rng.standard_normal(shape[:-1] + [out_width]).astype("float32"))
     results = []
     for layer in layers:
         x = paddle.to_tensor(x_value, stop_gradient=not input_needs_grad)
