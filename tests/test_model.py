@@ -157,3 +157,19 @@ def test_dropout_cpu_mask_rate_scale_seed_and_gradient():
     assert not np.array_equal(dropout(x).numpy(), values)  # and the next mask is another
     dropout.eval()
     np.testing.assert_array_equal(dropout(x).numpy(), x.numpy())
+
+
+@pytest.mark.filterwarnings("ignore:amp_guard can only be enabled")  # Paddle's own autocast is off on CPU
+def test_vision_logit_head_runs_outside_bf16_autocast(model):
+    """Under emulated bf16 autocast (tools/bf16_numerics.py) the trunk's matmuls are rounded, the head's are not:
+    one number per region ranks the regions, and bf16 ties close candidates."""
+    from tools.bf16_numerics import bf16_matmuls
+
+    x = inputs()
+    plain = model(**x)
+    with bf16_matmuls(), paddle.amp.auto_cast(enable=True, dtype="bfloat16"):
+        rounded = model(**x)
+    assert not np.allclose(rounded.sequence_output_v.numpy(), plain.sequence_output_v.numpy(), rtol=0, atol=1e-6)
+    padding = (1.0 - x["image_attention_mask"].astype("float32")) * -10000.0
+    head = model.vision_logit(rounded.sequence_output_v) + padding.unsqueeze(2)  # float32, outside the emulation
+    np.testing.assert_array_equal(rounded.vision_logit.numpy(), head.numpy())

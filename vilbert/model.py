@@ -445,8 +445,11 @@ class VILBertForVLTasks(nn.Layer):
             image_attention_mask = paddle.ones(input_imgs.shape[:2], dtype="int64")
         text, image, pooled_t, pooled_v = self.bert(input_txt, input_imgs, image_loc, token_type_ids,
                                                     attention_mask, image_attention_mask, task_ids)
-        padding = (1.0 - image_attention_mask.astype(image.dtype)) * MASK_VALUE  # [B, N]
-        vision_logit = self.vision_logit(self.dropout(image)) + padding.unsqueeze(2)
+        # One number per region ranks the regions: in bfloat16 (8-bit mantissa) close candidates tie, which cost
+        # the demo's weakly trained models most of their accuracy (tools/bf16_numerics.py), so the head is float32.
+        with paddle.amp.auto_cast(enable=False):
+            padding = (1.0 - image_attention_mask.astype("float32")) * MASK_VALUE  # [B, N]
+            vision_logit = self.vision_logit(self.dropout(image.astype("float32"))) + padding.unsqueeze(2)
         return ViLBertOutput(vision_logit, pooled_t, pooled_v, text, image)
 
 
