@@ -111,6 +111,18 @@ def test_tokens_padding_and_truncation(root, tokenizer):
     assert all(short[k].dtype == np.int64 for k in ("input_ids", "input_mask", "segment_ids"))
 
 
+def test_12in1_tokenization_cuts_the_wordpieces_before_cls_and_sep(root, tokenizer):
+    data = build(root, "train", tokenizer, tokenization="12in1")
+    short, long = data[0], data[1]
+    words = tokenizer.convert_tokens_to_ids(["the", "left", "box"])
+    assert short["input_ids"].tolist() == [101] + words + [102] + [0] * 15  # short: as beta
+    letters = tokenizer.convert_tokens_to_ids(LONG.split())
+    assert long["input_ids"].tolist() == [101] + letters[:18] + [102]  # 12-in-1 keeps its [SEP]
+    assert data.cache_path != build(root, "train", tokenizer).cache_path  # a cache per tokenization
+    with pytest.raises(ValueError, match="tokenization='bert' must be one of beta, 12in1"):
+        build(root, "train", tokenizer, tokenization="bert")
+
+
 def test_train_mixes_gt_boxes_and_zeroes_low_iou(root, tokenizer):
     sample = build(root, "train", tokenizer)[0]
     det, gt = open_features(root / DET, cache=False)[1], open_features(root / GT, cache=False)[1]

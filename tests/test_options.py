@@ -99,6 +99,7 @@ def test_missing_or_broken_task_config_says_so(tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--batch_size", "6", "--gradient_accumulation_steps", "4"], "not a multiple of gradient_accumulation_steps"),
     (["--amp", "fp8"], "must be off, bf16 or fp16"),
+    (["--tokenization", "bert"], "tokenization=.bert. must be one of beta, 12in1"),
     (["--num_train_epochs", "0"], "num_train_epochs=0 must be >= 1"),
     (["--warmup_proportion", "1.5"], r"warmup_proportion=1.5 must be in \[0, 1\]"),
 ])

@@ -1,9 +1,10 @@
 """RefCOCO+ referring expressions, served as the official vilbert_beta `ReferExpressionDataset` serves them.
 
 One sample per sentence of `REFER.getRefIds(split=split)`; the caption is the sentence's `raw` text.
-- Text, beta style (the run behind the paper's 72.34): `[CLS] + wordpieces + [SEP]`, then cut to
-  `max_seq_length`, so an expression of more than T-2 wordpieces loses its [SEP] (12-in-1 cuts the
-  wordpieces to T-2 first). Right-padded with 0; segment ids 0; input mask 1 on tokens.
+- Text, `tokenization="beta"` (the run behind the paper's 72.34): `[CLS] + wordpieces + [SEP]`, then cut to
+  `max_seq_length`, so an expression of more than T-2 wordpieces loses its [SEP]; `"12in1"`
+  (vilbert-multi-task): the wordpieces cut to T-2, then `[CLS]`/`[SEP]` around them. Right-padded with 0;
+  segment ids 0; input mask 1 on tokens.
 - Regions: the detected boxes (whole-image row first); for the train split, followed by the referred
   objects' ground-truth boxes (without the gt file's whole-image row), cut to `max_region_num`.
 - Target: the IoU ("+1" pixel convention) of every region with the referred box; in train, values below 0.5
@@ -28,9 +29,8 @@ from pyutils.refer import REFER
 
 from .features import FeatureReader
 from .fileio import atomic_path
-from .tokenization import BertTokenizer
+from .tokenization import TOKENIZATIONS, BertTokenizer
 
-TOKENIZATION = "beta"  # [CLS] + pieces + [SEP], then cut: see tokenize_expression
 ENTRIES_FORMAT = 1  # bump when the cached entry arrays change
 REGION_ARRAYS = ("features", "spatials", "boxes", "target", "image_mask")  # one row per region
 TOKEN_ARRAYS = ("input_ids", "input_mask", "segment_ids")  # max_seq_length each, right-padded
@@ -56,10 +56,16 @@ def iou_plus_one(boxes: np.ndarray, ref_box) -> np.ndarray:
     return inter / (sides[:, 0] * sides[:, 1] + ref_sides[0] * ref_sides[1] - inter)
 
 
-def tokenize_expression(tokenizer: BertTokenizer, caption: str, max_seq_length: int) -> List[int]:
-    """Token ids, beta style: [CLS] + wordpieces + [SEP] cut to max_seq_length (not padded)."""
-    ids = [tokenizer.cls_token_id] + tokenizer.encode(caption) + [tokenizer.sep_token_id]
-    return ids[:max_seq_length]
+def tokenize_expression(tokenizer: BertTokenizer, caption: str, max_seq_length: int,
+                        tokenization: str = "beta") -> List[int]:
+    """Token ids (not padded). beta: [CLS] + wordpieces + [SEP], cut to max_seq_length (the [SEP] goes first);
+    12in1: the wordpieces cut to max_seq_length - 2, then [CLS] and [SEP] around them (always a [SEP])."""
+    pieces = tokenizer.encode(caption)
+    if tokenization == "12in1":
+        return [tokenizer.cls_token_id] + pieces[:max_seq_length - 2] + [tokenizer.sep_token_id]
+    if tokenization != "beta":
+        raise ValueError(f"tokenization={tokenization!r} must be one of {', '.join(TOKENIZATIONS)}")
+    return ([tokenizer.cls_token_id] + pieces + [tokenizer.sep_token_id])[:max_seq_length]
 
 
 def collate(batch: List[Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
@@ -101,12 +107,14 @@ class ReferExpressionDataset(paddle.io.Dataset):
 
     def __init__(self, dataroot, split: str, tokenizer: BertTokenizer, det_features: FeatureReader,
                  gt_features: FeatureReader = None, *, dataset: str = "refcoco+", splitBy: str = "unc",
-                 max_seq_length: int = 20, max_region_num: int = 100, cache_dir=None):
+                 max_seq_length: int = 20, max_region_num: int = 100, tokenization: str = "beta", cache_dir=None):
+        if tokenization not in TOKENIZATIONS:
+            raise ValueError(f"tokenization={tokenization!r} must be one of {', '.join(TOKENIZATIONS)}")
         if max_seq_length < 2 or max_region_num < 1:
             raise ValueError(f"need max_seq_length >= 2 and max_region_num >= 1, got {max_seq_length}, "
                              f"{max_region_num}")
         self.dataroot, self.split, self.dataset, self.splitBy = str(dataroot), split, dataset, splitBy
-        self.max_seq_length, self.max_region_num = max_seq_length, max_region_num
+        self.max_seq_length, self.max_region_num, self.tokenization = max_seq_length, max_region_num, tokenization
         self.mixes_gt = split == "train"  # the official test: gt boxes join the candidates in training only
         if self.mixes_gt and gt_features is None:
             raise ValueError(f"split {split!r} mixes in the ground-truth boxes: pass gt_features, the reader of "
@@ -133,7 +141,7 @@ class ReferExpressionDataset(paddle.io.Dataset):
 
     def _cache_path(self, tokenizer: BertTokenizer, cache_dir) -> Path:
         stats = [(path.name, path.stat().st_size, path.stat().st_mtime_ns) for path in self._annotation_files()]
-        key = json.dumps({"format": ENTRIES_FORMAT, "tokenization": TOKENIZATION,
+        key = json.dumps({"format": ENTRIES_FORMAT, "tokenization": self.tokenization,
                           "vocab_sha256": tokenizer.vocab_sha256, "do_lower_case": tokenizer.do_lower_case,
                           "max_seq_length": self.max_seq_length, "max_region_num": self.max_region_num,
                           "dataset": self.dataset, "splitBy": self.splitBy, "split": self.split,
@@ -170,7 +178,7 @@ class ReferExpressionDataset(paddle.io.Dataset):
         if not rows:
             raise ValueError(f"split {self.split!r} of {self.dataset} ({self.splitBy}) in {self.dataroot} holds no "
                              f"referring expressions")
-        tokens = [tokenize_expression(tokenizer, row[0], self.max_seq_length) for row in rows]
+        tokens = [tokenize_expression(tokenizer, row[0], self.max_seq_length, self.tokenization) for row in rows]
         input_ids = np.full((len(rows), self.max_seq_length), tokenizer.pad_token_id, np.int64)
         for i, ids in enumerate(tokens):
             input_ids[i, :len(ids)] = ids

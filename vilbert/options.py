@@ -16,6 +16,7 @@ from typing import List
 import yaml
 
 from .config import has_type, type_name
+from .tokenization import TOKENIZATIONS
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TASK_CONFIG = PROJECT_ROOT / "config" / "refcoco+.yml"
@@ -41,6 +42,7 @@ class RunOptions:
     val_split: str = "val"
     max_seq_length: int = 20
     max_region_num: int = 100
+    tokenization: str = "beta"  # beta: [CLS] + pieces + [SEP], then cut; 12in1: pieces cut, then [CLS]/[SEP]
     bert_model: str = "bert-base-uncased"  # the shipped vocab, or a path to a vocab file
     # model
     config_file: str = "config/bert_base_6layer_6conect.json"
@@ -74,6 +76,8 @@ class RunOptions:
         problems = []
         if self.amp not in ("off", "bf16", "fp16"):
             problems.append(f"amp={self.amp!r} must be off, bf16 or fp16")
+        if self.tokenization not in TOKENIZATIONS:
+            problems.append(f"tokenization={self.tokenization!r} must be one of {', '.join(TOKENIZATIONS)}")
         for name in ("batch_size", "eval_batch_size", "num_train_epochs", "gradient_accumulation_steps",
                      "max_seq_length", "max_region_num"):
             if getattr(self, name) < 1:

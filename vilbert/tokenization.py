@@ -25,6 +25,8 @@ NEVER_SPLIT = ("[UNK]", "[SEP]", "[PAD]", "[CLS]", "[MASK]")
 CJK_BLOCKS = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F), (0x2B740, 0x2B81F),
               (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))
 MAX_CHARS_PER_WORD = 100  # longer words become one [UNK], as in the original WordpieceTokenizer
+# How an expression becomes ids (vilbert.dataset.tokenize_expression): vilbert_beta's or vilbert-multi-task's
+TOKENIZATIONS = ("beta", "12in1")
 
 
 def resolve_vocab(bert_model: str) -> Path:

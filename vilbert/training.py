@@ -92,7 +92,7 @@ def build_dataset(options: RunOptions, split: str, tokenizer: BertTokenizer) -> 
         gt = open_features(options.data_path(options.features_h5path2), cache=options.feature_cache)
     return ReferExpressionDataset(options.dataroot, split, tokenizer, det, gt, dataset=options.dataset,
                                   splitBy=options.splitBy, max_seq_length=options.max_seq_length,
-                                  max_region_num=options.max_region_num)
+                                  max_region_num=options.max_region_num, tokenization=options.tokenization)
 
 
 def train_loader(dataset, options: RunOptions) -> "InlineLoader | paddle.io.DataLoader":
