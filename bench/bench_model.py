@@ -70,6 +70,22 @@ def serve(args):
                           "cpu": time.process_time() - cpu}), file=answers)
 
 
+def timed_step(loss, update):
+    """One training step -> (forward, backward, optimizer) wall seconds: ``loss()`` (read back, so that the forward
+    has run), its backward, then ``update()`` (optimizer step and gradient reset). The same for both sides."""
+    def step():
+        start = time.perf_counter()
+        value = loss()
+        float(value)
+        forward = time.perf_counter()
+        value.backward()
+        backward = time.perf_counter()
+        update()
+        return forward - start, backward - forward, time.perf_counter() - backward
+
+    return step
+
+
 def bench_official(args):
     import torch
     import torch.nn.functional as F
@@ -90,19 +106,15 @@ def bench_official(args):
     tensors = [torch.from_numpy(inputs[name]) for name in INPUT_NAMES]
     target = torch.from_numpy(target)
 
-    def step():
-        start = time.perf_counter()
+    def loss():
         vision_logit = model(*tensors)[VISION_LOGIT_POSITION["beta"]]
-        loss = F.binary_cross_entropy_with_logits(vision_logit, target) * target.size(1)
-        float(loss)
-        forward = time.perf_counter()
-        loss.backward()
-        backward = time.perf_counter()
+        return F.binary_cross_entropy_with_logits(vision_logit, target) * target.size(1)
+
+    def update():
         optimizer.step()
         model.zero_grad()
-        return forward - start, backward - forward, time.perf_counter() - backward
 
-    return step
+    return timed_step(loss, update)
 
 
 def bench_ours(args):
@@ -123,19 +135,11 @@ def bench_ours(args):
     tensors = [paddle.to_tensor(inputs[name]) for name in INPUT_NAMES]
     target = paddle.to_tensor(target)
 
-    def step():
-        start = time.perf_counter()
-        vision_logit = model(*tensors).vision_logit
-        loss = rec_loss(vision_logit, target)
-        float(loss)
-        forward = time.perf_counter()
-        loss.backward()
-        backward = time.perf_counter()
+    def update():
         optimizer.step()
         optimizer.clear_grad()
-        return forward - start, backward - forward, time.perf_counter() - backward
 
-    return step
+    return timed_step(lambda: rec_loss(model(*tensors).vision_logit, target), update)
 
 
 def start(side, args, beta_src):
