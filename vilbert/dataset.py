@@ -29,7 +29,7 @@ from pyutils.refer import REFER
 
 from .features import FeatureReader
 from .fileio import atomic_path
-from .tokenization import TOKENIZATIONS, BertTokenizer
+from .tokenization import BertTokenizer, check_tokenization
 
 ENTRIES_FORMAT = 1  # bump when the cached entry arrays change
 REGION_ARRAYS = ("features", "spatials", "boxes", "target", "image_mask")  # one row per region
@@ -60,11 +60,10 @@ def tokenize_expression(tokenizer: BertTokenizer, caption: str, max_seq_length: 
                         tokenization: str = "beta") -> List[int]:
     """Token ids (not padded). beta: [CLS] + wordpieces + [SEP], cut to max_seq_length (the [SEP] goes first);
     12in1: the wordpieces cut to max_seq_length - 2, then [CLS] and [SEP] around them (always a [SEP])."""
+    check_tokenization(tokenization)
     pieces = tokenizer.encode(caption)
     if tokenization == "12in1":
         return [tokenizer.cls_token_id] + pieces[:max_seq_length - 2] + [tokenizer.sep_token_id]
-    if tokenization != "beta":
-        raise ValueError(f"tokenization={tokenization!r} must be one of {', '.join(TOKENIZATIONS)}")
     return ([tokenizer.cls_token_id] + pieces + [tokenizer.sep_token_id])[:max_seq_length]
 
 
@@ -108,8 +107,7 @@ class ReferExpressionDataset(paddle.io.Dataset):
     def __init__(self, dataroot, split: str, tokenizer: BertTokenizer, det_features: FeatureReader,
                  gt_features: FeatureReader = None, *, dataset: str = "refcoco+", splitBy: str = "unc",
                  max_seq_length: int = 20, max_region_num: int = 100, tokenization: str = "beta", cache_dir=None):
-        if tokenization not in TOKENIZATIONS:
-            raise ValueError(f"tokenization={tokenization!r} must be one of {', '.join(TOKENIZATIONS)}")
+        check_tokenization(tokenization)  # before the entries cache, whose name depends on it
         if max_seq_length < 2 or max_region_num < 1:
             raise ValueError(f"need max_seq_length >= 2 and max_region_num >= 1, got {max_seq_length}, "
                              f"{max_region_num}")

@@ -29,6 +29,11 @@ MAX_CHARS_PER_WORD = 100  # longer words become one [UNK], as in the original Wo
 TOKENIZATIONS = ("beta", "12in1")
 
 
+def check_tokenization(tokenization: str) -> None:
+    if tokenization not in TOKENIZATIONS:
+        raise ValueError(f"tokenization={tokenization!r} must be one of {', '.join(TOKENIZATIONS)}")
+
+
 def resolve_vocab(bert_model: str) -> Path:
     """'bert-base-uncased' -> the shipped vocab; a vocab file (or a folder holding vocab.txt) -> itself."""
     if bert_model in SHIPPED_VOCABS:
