@@ -67,7 +67,8 @@ def two_processes(setup):
     launcher = folder / "launch_train.py"
     launcher.write_text(LAUNCHER.format(project=str(PROJECT)))
     logs = folder / "launch_logs"
-    env = dict(os.environ, MKL_NUM_THREADS="1")  # one thread per process on a 2-core machine
+    # one thread per process on a 2-core machine; CPU processes with gloo also where GPUs are visible
+    env = dict(os.environ, MKL_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     done = subprocess.run([sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2",
                            "--log_dir", str(logs), str(launcher), *flags("two")],
                           cwd=PROJECT, env=env, capture_output=True, text=True, timeout=600)
