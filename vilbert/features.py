@@ -125,7 +125,8 @@ class _RecordUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def _unpickle(data: bytes, what: str):
+def unpickle_record(data: bytes, what: str):
+    """`data` unpickled with `_RecordUnpickler`; any failure is a `FeaturesError` naming `what`."""
     try:
         return _RecordUnpickler(io.BytesIO(data)).load()
     except Exception as err:
@@ -145,26 +146,45 @@ def _lmdb_identity(path: str) -> tuple:
     return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
+def _environment(path: str, identity: tuple) -> "lmdb.Environment":
+    """This process's environment of the LMDB folder `path` (a realpath); the caller holds the lock."""
+    opened, env = _ENVIRONMENTS.get(path, (None, None))
+    if opened != identity:  # not open yet, or the files were replaced since
+        if env is not None:
+            env.close()
+        try:
+            env = lmdb.open(path, readonly=True, lock=False, readahead=False, meminit=False)
+        except lmdb.Error as err:
+            raise FeaturesError(f"{path} cannot be opened as an LMDB ({err}); {DOWNLOAD_HINT}") from None
+        # A truncated data.mdb is still mapped, and the first read past its end kills the process (SIGBUS).
+        needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+        if identity[2] < needed:
+            env.close()
+            raise FeaturesError(f"{path}/data.mdb is truncated ({identity[2]:,} bytes, the database needs "
+                                f"{needed:,}): the download was probably interrupted; {DOWNLOAD_HINT}")
+        _ENVIRONMENTS[path] = (identity, env)
+    return env
+
+
 def _read_lmdb(path: str, identity: tuple, key: bytes) -> Optional[bytes]:
     """The value of `key`, from this process's environment of the LMDB folder `path` (a realpath)."""
-    with _ENVIRONMENTS_LOCK:
-        opened, env = _ENVIRONMENTS.get(path, (None, None))
-        if opened != identity:  # not open yet, or the files were replaced since
-            if env is not None:
-                env.close()
-            try:
-                env = lmdb.open(path, readonly=True, lock=False, readahead=False, meminit=False)
-            except lmdb.Error as err:
-                raise FeaturesError(f"{path} cannot be opened as an LMDB ({err}); {DOWNLOAD_HINT}") from None
-            # A truncated data.mdb is still mapped, and the first read past its end kills the process (SIGBUS).
-            needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
-            if identity[2] < needed:
-                env.close()
-                raise FeaturesError(f"{path}/data.mdb is truncated ({identity[2]:,} bytes, the database needs "
-                                    f"{needed:,}): the download was probably interrupted; {DOWNLOAD_HINT}")
-            _ENVIRONMENTS[path] = (identity, env)
-        with env.begin() as txn:
-            return txn.get(key)
+    with _ENVIRONMENTS_LOCK, _environment(path, identity).begin() as txn:
+        return txn.get(key)
+
+
+def stored_keys(path) -> List[bytes]:
+    """Every key the LMDB folder `path` holds, b'keys' included, in LMDB order: what an audit walks."""
+    path = os.fspath(path)
+    _check_lmdb_dir(path)
+    with _ENVIRONMENTS_LOCK, _environment(os.path.realpath(path), _lmdb_identity(path)).begin() as txn:
+        return list(txn.cursor().iternext(keys=True, values=False))
+
+
+def read_stored(path, key: bytes) -> Optional[bytes]:
+    """The raw value of `key` in the LMDB folder `path`, None when there is none."""
+    path = os.fspath(path)
+    _check_lmdb_dir(path)
+    return _read_lmdb(os.path.realpath(path), _lmdb_identity(path), key)
 
 
 def _close_environments_before_fork() -> None:
@@ -213,7 +233,7 @@ class ImageFeaturesReader(_KeyedStore):
             raise FeaturesError(
                 f"{self.path} has no b'keys' record, which the official conversion writes last: the conversion "
                 f"or download was probably interrupted; convert or download it again")
-        keys = _unpickle(raw, f"the b'keys' record of {self.path}")
+        keys = unpickle_record(raw, f"the b'keys' record of {self.path}")
         if not isinstance(keys, list):
             raise FeaturesError(f"the b'keys' record of {self.path} is corrupt: a {type(keys).__name__}, not a list")
         self._keys: List[bytes] = [k.encode() if isinstance(k, str) else bytes(k) for k in keys]
@@ -227,10 +247,15 @@ class ImageFeaturesReader(_KeyedStore):
         what = f"the record of image id {image_id} in {self.path}"
         if raw is None:
             raise FeaturesError(f"{what} is listed in b'keys' but missing: the LMDB is incomplete; download it again")
-        return _decode(_unpickle(raw, what), what)
+        return decode_record(unpickle_record(raw, what), what)
 
 
-def _decode(item, what: str) -> RegionFeatures:
+def record_layout(item: dict) -> str:
+    """'mt' for a 12-in-1 record (numpy arrays), 'beta' for a vilbert_beta one (str fields, base64 arrays)."""
+    return "mt" if isinstance(item.get("features"), np.ndarray) else "beta"
+
+
+def decode_record(item, what: str) -> RegionFeatures:
     """A beta (str + base64) or 12-in-1 (ints + arrays) record -> RegionFeatures."""
     if not isinstance(item, dict):
         raise FeaturesError(f"{what} is corrupt: a {type(item).__name__}, not a dict")
@@ -242,7 +267,7 @@ def _decode(item, what: str) -> RegionFeatures:
     except (TypeError, ValueError):
         raise FeaturesError(f"{what} is corrupt: image_w/image_h {item['image_w']!r}/{item['image_h']!r} "
                             f"are not integers") from None
-    if isinstance(item["features"], np.ndarray):  # 12-in-1: the box count is the array's
+    if record_layout(item) == "mt":  # 12-in-1: the box count is the array's
         features = _array(item["features"], FEATURE_DIM, "features", what)
         boxes = _array(item["boxes"], 4, "boxes", what)
         if len(boxes) != len(features):

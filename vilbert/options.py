@@ -16,6 +16,7 @@ from typing import List
 import yaml
 
 from .config import has_type, type_name
+from .feature_lmdb import EXTRACTORS
 from .tokenization import TOKENIZATIONS
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -44,6 +45,7 @@ class RunOptions:
     max_region_num: int = 100
     tokenization: str = "beta"  # beta: [CLS] + pieces + [SEP], then cut; 12in1: pieces cut, then [CLS]/[SEP]
     bert_model: str = "bert-base-uncased"  # the shipped vocab, or a path to a vocab file
+    feature_extractor: str = "butd_resnet101"  # what made the training features (feature_lmdb.EXTRACTORS)
     # model
     config_file: str = "config/bert_base_6layer_6conect.json"
     from_pretrained: str = ""  # .bin (official), .pdparams (ours or the earlier Paddle port); empty: random init
@@ -79,6 +81,8 @@ class RunOptions:
             problems.append(f"amp={self.amp!r} must be off, bf16 or fp16")
         if self.tokenization not in TOKENIZATIONS:
             problems.append(f"tokenization={self.tokenization!r} must be one of {', '.join(TOKENIZATIONS)}")
+        if self.feature_extractor not in EXTRACTORS:
+            problems.append(f"feature_extractor={self.feature_extractor!r} must be one of {', '.join(EXTRACTORS)}")
         for name in ("batch_size", "eval_batch_size", "num_train_epochs", "gradient_accumulation_steps",
                      "max_seq_length", "max_region_num"):
             if getattr(self, name) < 1:
