@@ -228,7 +228,7 @@ def convert(specs: Sequence[str], out, *, layout: Optional[str] = None, fmt: Opt
             for what, load in records(path, kind):
                 try:
                     regions = load()
-                    check_regions(regions, what)
+                    check_regions(regions, f"{what} (image {regions.image_id})" if kind == "tsv" else what)
                 except BadRecord as err:
                     bad.append(str(err))
                     (bar.write if progress else report)(f"bad record: {err}")

@@ -28,7 +28,7 @@ from .features import (FEATURE_DIM, FeaturesError, decode_record, read_stored, r
 
 LAYOUT_NAMES = {"beta": "vilbert_beta (str fields, base64 float32)", "mt": "12-in-1 (ints, float32 numpy arrays)"}
 MAP_SIZE = 1 << 40  # address space, as the official converters reserve; data.mdb grows only as it is written
-COMMIT_EVERY = 256  # records per write transaction
+COMMIT_BYTES = 64 << 20  # values per write transaction, so memory stays bounded
 
 
 class BadRecord(FeaturesError):
@@ -124,7 +124,7 @@ def write_feature_lmdb(path, records: Iterable[Tuple[int, bytes]], *, append: bo
             shutil.copyfile(path / "data.mdb", tmp / "data.mdb")
         env = lmdb.open(str(tmp), map_size=MAP_SIZE)
         listed, given = set(keys), set()
-        written, txn = 0, env.begin(write=True)
+        written, pending, txn = 0, 0, env.begin(write=True)
         for image_id, value in records:
             key = str(image_id).encode()
             if key in given:
@@ -137,10 +137,10 @@ def write_feature_lmdb(path, records: Iterable[Tuple[int, bytes]], *, append: bo
             if key not in listed:
                 keys.append(key)
                 listed.add(key)
-            written += 1
-            if written % COMMIT_EVERY == 0:
+            written, pending = written + 1, pending + len(value)
+            if pending > COMMIT_BYTES:
                 txn.commit()
-                txn = env.begin(write=True)
+                pending, txn = 0, env.begin(write=True)
         txn.put(b"keys", pickle.dumps(keys))
         txn.commit()
         env.sync(True)
@@ -280,9 +280,9 @@ def extractor_warnings(extractor: str, layout: str, box_counts: Dict[int, int]) 
     (image_id -> boxes, whole-image row not counted) whose box count that extractor never gives."""
     expected = EXTRACTORS[extractor]
     warnings = []
-    trained = f"{expected.checkpoints} checkpoints were trained on features of {expected.description}"
     if expected.layout and layout != expected.layout:
-        warnings.append(f"the features are in the {LAYOUT_NAMES[layout]} layout, but {trained}, stored in the "
+        warnings.append(f"the features are in the {LAYOUT_NAMES[layout]} layout; {expected.checkpoints} checkpoints "
+                        f"were trained on features of {expected.description}, stored in the "
                         f"{LAYOUT_NAMES[expected.layout]} layout: features of another extractor cost accuracy "
                         f"(README, 'Your own images')")
     if expected.boxes:
@@ -290,6 +290,7 @@ def extractor_warnings(extractor: str, layout: str, box_counts: Dict[int, int]) 
         odd = {image_id: n for image_id, n in box_counts.items() if not low <= n <= high}
         if odd:
             shown = ", ".join(f"{image_id} ({n})" for image_id, n in list(odd.items())[:5])
-            warnings.append(f"{len(odd)} image(s) have a number of boxes outside {low}-{high}, which {trained} "
-                            f"give: {shown}{', ...' if len(odd) > 5 else ''}")
+            warnings.append(f"{len(odd)} image(s) have a number of boxes outside {low}-{high}, the range of the "
+                            f"features {expected.checkpoints} checkpoints were trained on ({expected.description}): "
+                            f"{shown}{', ...' if len(odd) > 5 else ''}")
     return warnings
