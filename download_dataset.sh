@@ -196,6 +196,18 @@ print("All files present and readable.")
 PY
 }
 
+# Every region-feature LMDB of the data root read record by record (tools/audit_features.py, the same audit as
+# by hand): layout, images, boxes per image, feature width, and what is wrong. Exit 1 on any problem.
+audit_features() {
+  local lmdbs=() dir
+  while IFS= read -r -d '' dir; do
+    [ -f "$dir/data.mdb" ] && lmdbs+=("$dir")
+  done < <(find "$DATA_ROOT" -maxdepth 2 -name '*.lmdb' -type d -print0 2>/dev/null | sort -z)
+  [ ${#lmdbs[@]} -gt 0 ] || return 0
+  echo
+  "$PYTHON" "$SCRIPT_DIR/tools/audit_features.py" "${lmdbs[@]}"
+}
+
 # Does the file start like an HTML page (a login, error or preview page instead of the file)?
 is_html() { head -c 1024 "$1" | tr 'A-Z' 'a-z' | grep -qE '<!doctype html|<html'; }
 
@@ -247,6 +259,7 @@ PY
 
 if [ "$CHECK" -eq 1 ]; then
   audit && status=0 || status=$?
+  audit_features || status=1
   print_checkpoint_hints
   exit "$status"
 fi

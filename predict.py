@@ -59,6 +59,13 @@ def rounded(box) -> list:
     return [round(float(v), 1) for v in box]
 
 
+def prediction_line(query: dict, scores: np.ndarray, boxes: np.ndarray, top_k: int) -> dict:
+    """The query's own fields, then the chosen region, its box and score, and the top_k best candidates."""
+    best = [{"region": int(i), "box": rounded(boxes[i]), "score": round(float(scores[i]), 4)}
+            for i in np.argsort(-scores)[:top_k]]
+    return {**{k: v for k, v in query.items() if k != "input_ids"}, **best[0], "top_k": best}
+
+
 @exit_on_user_error()
 def main(argv=None):
     parser = build_parser(__doc__)
@@ -112,25 +119,20 @@ def main(argv=None):
             results += score_expressions(model, [(regions[q["image_id"]], q["input_ids"]) for q in chunk],
                                          options.max_region_num, options.task_id)
     seconds = time.perf_counter() - started
-    lines = []
-    for query, (scores, boxes) in zip(queries, results):
-        order = np.argsort(-scores)[:args.top_k]
-        lines.append({**{k: v for k, v in query.items() if k != "input_ids"}, "region": int(order[0]),
-                      "box": rounded(boxes[order[0]]), "score": round(float(scores[order[0]]), 4),
-                      "top_k": [{"region": int(i), "box": rounded(boxes[i]), "score": round(float(scores[i]), 4)}
-                                for i in order]})
     if args.batch:
         out = args.out or f"{args.batch}.predictions.jsonl"
-        atomic_write(out, "".join(json.dumps(line) + "\n" for line in lines))
+        atomic_write(out, "".join(json.dumps(prediction_line(query, scores, boxes, args.top_k)) + "\n"
+                                  for query, (scores, boxes) in zip(queries, results)))
         print(f"Grounded {len(queries)} expressions in {len(regions)} images in {seconds:.2f} s "
               f"({len(queries) / seconds:.0f} expressions/s, batches of up to {options.eval_batch_size}, model "
               f"loading not counted); wrote {out}")
         return
-    line, (scores, boxes), image = lines[0], results[0], regions[args.image_id]
-    print(f'"{args.expression}" in image {args.image_id}: region {line["region"]}, box (x1, y1, x2, y2) = '
-          f'{line["box"]}, score {scores[line["region"]]:.3f}')
-    for rank, candidate in enumerate(line["top_k"], 1):
-        print(f"  #{rank}  region {candidate['region']:3d}  score {candidate['score']:8.3f}  box {candidate['box']}")
+    (scores, boxes), image = results[0], regions[args.image_id]
+    order = np.argsort(-scores)[:args.top_k]
+    print(f'"{args.expression}" in image {args.image_id}: region {order[0]}, box (x1, y1, x2, y2) = '
+          f"{rounded(boxes[order[0]])}, score {scores[order[0]]:.3f}")
+    for rank, index in enumerate(order, 1):
+        print(f"  #{rank}  region {index:3d}  score {scores[index]:8.3f}  box {rounded(boxes[index])}")
     if args.image:
         check_photo_size(args.image, image.image_w, image.image_h)
     out = args.out or f"prediction_{args.image_id}.png"
