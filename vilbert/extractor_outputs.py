@@ -39,6 +39,7 @@ from .fileio import atomic_path
 
 FORMATS = ("tsv", "npy", "npz")
 TSV_FIELDS = ("image_id", "image_w", "image_h", "num_boxes", "boxes", "features", "cls_prob")
+READ_BUFFER = 4 << 20  # TSV lines run to megabytes; a small buffer reads them in many pieces
 NPY_HINT = "the dict 12-in-1's script/extract_features.py saves"
 
 
@@ -79,7 +80,7 @@ def records(path: Path, fmt: str) -> Iterator[Tuple[str, Callable[[], ImageRegio
     """(where, load) per image of one file: `load()` reads that image's regions or raises BadRecord, so one
     bad image does not end the file."""
     if fmt == "tsv":
-        with open(path, "rb") as f:
+        with open(path, "rb", buffering=READ_BUFFER) as f:
             for number, line in enumerate(f, 1):
                 line = line.rstrip(b"\r\n")
                 if line and not (number == 1 and line.startswith(b"image_id\t")):  # a header row is skipped

@@ -122,7 +122,9 @@ def write_feature_lmdb(path, records: Iterable[Tuple[int, bytes]], *, append: bo
         if append and (path / "data.mdb").is_file():
             keys = _listed_keys(path)
             shutil.copyfile(path / "data.mdb", tmp / "data.mdb")
-        env = lmdb.open(str(tmp), map_size=MAP_SIZE)
+        # writemap: values go straight into the mapped file, a quarter of the CPU time of copied pages; LMDB
+        # then sizes the file to the whole map (sparse), so it is cut to the pages in use at the end.
+        env = lmdb.open(str(tmp), map_size=MAP_SIZE, writemap=True)
         listed, given = set(keys), set()
         written, pending, txn = 0, 0, env.begin(write=True)
         for image_id, value in records:
@@ -143,9 +145,12 @@ def write_feature_lmdb(path, records: Iterable[Tuple[int, bytes]], *, append: bo
                 pending, txn = 0, env.begin(write=True)
         txn.put(b"keys", pickle.dumps(keys))
         txn.commit()
-        env.sync(True)
+        used = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
         env.close()
         env = None
+        with open(tmp / "data.mdb", "r+b") as f:
+            f.truncate(used)
+            os.fsync(f.fileno())
         if not path.exists():
             os.replace(tmp, path)
             return written, len(keys)
