@@ -201,7 +201,7 @@ PY
 audit_features() {
   local lmdbs=() dir
   while IFS= read -r -d '' dir; do
-    [ -f "$dir/data.mdb" ] && lmdbs+=("$dir")
+    if [ -f "$dir/data.mdb" ]; then lmdbs+=("$dir"); fi
   done < <(find "$DATA_ROOT" -maxdepth 2 -name '*.lmdb' -type d -print0 2>/dev/null | sort -z)
   [ ${#lmdbs[@]} -gt 0 ] || return 0
   echo
