@@ -23,6 +23,7 @@ import binascii
 import glob
 import os
 import re
+import sys
 import time
 import zipfile
 from functools import partial
@@ -224,7 +225,9 @@ def convert(specs: Sequence[str], out, *, layout: Optional[str] = None, fmt: Opt
 
     def encoded():
         nonlocal boxes
-        bar = tqdm(unit=" images", desc=f"Converting into {out}", disable=not progress, dynamic_ncols=True)
+        # the image count is unknown until the inputs are read, so a live bar on a terminal and none in a log file
+        bar = tqdm(unit=" images", desc=f"Converting into {out}", disable=not (progress and sys.stderr.isatty()),
+                   dynamic_ncols=True)
         for path, kind in files:
             for what, load in records(path, kind):
                 try:

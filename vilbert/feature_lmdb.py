@@ -21,10 +21,10 @@ from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 import lmdb
 import numpy as np
-from tqdm import tqdm
 
 from .features import (FEATURE_DIM, FeaturesError, decode_record, read_stored, record_layout, stored_keys,
                        unpickle_record)
+from .progress import progress as progress_bar
 
 LAYOUT_NAMES = {"beta": "vilbert_beta (str fields, base64 float32)", "mt": "12-in-1 (ints, float32 numpy arrays)"}
 MAP_SIZE = 1 << 40  # address space, as the official converters reserve; data.mdb grows only as it is written
@@ -231,7 +231,7 @@ def audit_feature_lmdb(path, progress: bool = False) -> Audit:
              "image id(s) listed more than once in b'keys'")
     layouts: Dict[str, int] = {}
     counts, corrupt, non_finite, outside = [], [], [], []
-    for key in tqdm(stored, desc=f"Auditing {os.path.basename(os.path.normpath(path))}", disable=not progress):
+    for key in progress_bar(stored, f"Auditing {os.path.basename(os.path.normpath(path))}", enabled=progress):
         what = f"record {key.decode(errors='replace')}"
         try:
             item = unpickle_record(read_stored(path, key), what)
