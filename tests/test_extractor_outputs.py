@@ -345,3 +345,11 @@ def test_tool_prints_speed_and_exits_with_one_line(roots, tmp_path, capsys):
         convert_features.main([regions_path(roots["mt"], "npy"), "--out", str(tmp_path / "out.lmdb")])
     assert exit_info.value.code.startswith("error: image id ") and "give --overwrite" in exit_info.value.code
     shutil.rmtree(tmp_path / "out.lmdb")
+
+
+def test_skipping_every_record_writes_nothing(tmp_path):
+    path = damaged_npy(tmp_path, "not npy")
+    lines = []
+    with pytest.raises(BadRecord, match=f"no good record in {path}; nothing was written"):
+        convert([str(path)], tmp_path / "out.lmdb", skip_bad=True, report=lines.append, progress=False)
+    assert len(lines) == 1 and not (tmp_path / "out.lmdb").exists()

@@ -244,6 +244,8 @@ def convert(specs: Sequence[str], out, *, layout: Optional[str] = None, fmt: Opt
         if bad and not skip_bad:
             raise BadRecord(f"{len(bad)} bad record(s), listed above; nothing was written: fix them, or give "
                             f"--skip_bad to convert the rest")
+        if not boxes:  # every good record has boxes
+            raise BadRecord(f"no good record in {', '.join(specs)}; nothing was written")
 
     written, listed = write_feature_lmdb(out, encoded(), append=True, overwrite=overwrite)
     return Conversion(written, bad, listed, layout, boxes, time.perf_counter() - started)

@@ -10,6 +10,9 @@ with a whitelist of globals (dicts and numpy arrays only), so a downloaded file 
 `FeatureCache` (built by `build_feature_cache`, CLI `tools/build_feature_cache.py`) stores what the reader
 returns, so lookups are slices of memory-mapped arrays. A float16 cache hands its features on as float16;
 the model side casts each batch to float32 once. `open_features` picks a valid cache, else the LMDB.
+
+`stored_keys`, `read_stored`, `unpickle_record`, `record_layout` and `decode_record` expose the same steps record
+by record, for what writes and audits LMDBs (`vilbert/feature_lmdb.py`) and reads 12-in-1's pickled .npy files.
 """
 
 import binascii
