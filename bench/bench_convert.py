@@ -1,6 +1,6 @@
 """Images/s of tools/convert_features.py at 100 boxes per image, per input format, against the official converters.
 
-    python bench/bench_convert.py [--images 200] [--boxes 100]
+    python bench/bench_convert.py [--images 200] [--boxes 100] [--rounds 3]
 
 Inputs are random regions of `--boxes` boxes (2048-d float32 features, 1601-class cls_prob as in the files
 behind vilbert_beta's RefCOCO+ LMDBs) written in a temporary folder as a 7-field TSV, 12-in-1 .npy files and
@@ -8,7 +8,8 @@ behind vilbert_beta's RefCOCO+ LMDBs) written in a temporary folder as a 7-field
 (reading, checking every record, encoding, writing, the atomic rename), and, for TSV and .npy, a re-creation
 of the official conversion (vilbert_beta `script/convert_lmdb_refcoco+.py`: csv.DictReader rows pickled as
 they are; 12-in-1 `script/convert_to_lmdb.py`: np.load(allow_pickle=True) per file), which checks nothing.
-The target is >= 100 images/s for ours.
+Variants take turns in rounds and each keeps its best, which steadies the ratios on a shared machine. The target
+is >= 100 images/s for ours.
 """
 
 import argparse
@@ -70,6 +71,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--boxes", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="bench_convert_"))
     try:
@@ -78,22 +80,26 @@ def main() -> None:
         for fmt, path in inputs.items():
             WRITERS[fmt](path, images)
         del images
-        print(f"{args.images} images x {args.boxes} boxes")
+        print(f"{args.images} images x {args.boxes} boxes; best of {args.rounds} interleaved rounds")
+        variants = (("tsv", "beta", official_tsv), ("npy", "mt", official_npy), ("npz", "beta", None),
+                    ("npz", "mt", None))
+        best = {}
+        for _ in range(args.rounds):
+            for fmt, layout, official in variants:
+                out = folder / "out.lmdb"
+                result = convert([str(inputs[fmt])], out, layout=layout, progress=False)
+                shutil.rmtree(out)
+                best[fmt, layout] = max(best.get((fmt, layout), 0), result.written / result.seconds)
+                if official:
+                    started = time.perf_counter()
+                    official(inputs[fmt], out)
+                    shutil.rmtree(out)
+                    best[fmt] = max(best.get(fmt, 0), args.images / (time.perf_counter() - started))
         print(f"{'input':<6}{'layout':>8}{'ours img/s':>12}{'official img/s':>16}{'ours/official':>15}")
-        for fmt, layout, official in (("tsv", "beta", official_tsv), ("npy", "mt", official_npy),
-                                      ("npz", "beta", None), ("npz", "mt", None)):
-            out = folder / f"{fmt}_{layout}.lmdb"
-            result = convert([str(inputs[fmt])], out, layout=layout, progress=False)
-            ours = result.written / result.seconds
-            shutil.rmtree(out)
+        for fmt, layout, official in variants:
+            ours = best[fmt, layout]
             row = f"{fmt:<6}{layout:>8}{ours:>12.0f}"
-            if official:
-                started = time.perf_counter()
-                official(inputs[fmt], folder / "official.lmdb")
-                theirs = args.images / (time.perf_counter() - started)
-                shutil.rmtree(folder / "official.lmdb")
-                row += f"{theirs:>16.0f}{ours / theirs:>14.2f}x"
-            print(row)
+            print(row + (f"{best[fmt]:>16.0f}{ours / best[fmt]:>14.2f}x" if official else ""))
     finally:
         shutil.rmtree(folder)
 
