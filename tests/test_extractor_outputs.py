@@ -248,6 +248,8 @@ DAMAGED_TSV = {
     "width": (lambda f: f[:1] + [b"wide"] + f[2:], "field 'image_w' is b'wide', not an integer"),
     "id": (lambda f: [b"photo"] + f[1:], "image id 'photo' is not a number"),
     "no boxes": (lambda f: f[:3] + [b"0"] + f[4:], "field 'num_boxes' is 0; an image needs at least one box"),
+    "cut cls_prob": (lambda f: f + [b"QUJD"], "field 'cls_prob' holds 3 bytes of base64, not N rows (num_boxes) "
+                                              "of float32; a truncated line?"),
 }
 
 

@@ -126,8 +126,13 @@ def _tsv_row(line: bytes, what: str) -> ImageRegions:
         raise BadRecord(f"{what}: field 'num_boxes' is {num_boxes}; an image needs at least one box")
     boxes = _base64_rows(fields[4], num_boxes, "boxes", what)
     features = _base64_rows(fields[5], num_boxes, "features", what)
-    cls_prob = _base64_rows(fields[6], num_boxes, "cls_prob", what) if len(fields) == 7 else None
-    return ImageRegions(image_id, image_w, image_h, boxes, features, cls_prob)
+    text = dict(zip(TSV_FIELDS[4:], (field.decode("ascii", errors="replace") for field in fields[4:])))
+    if len(fields) == 7:  # nothing reads cls_prob: it is kept as it is, and only its size is checked
+        size = len(fields[6]) * 3 // 4 - fields[6][-2:].count(b"=")
+        if len(fields[6]) % 4 or size % (num_boxes * 4):
+            raise BadRecord(f"{what}: field 'cls_prob' holds {size} bytes of base64, not {num_boxes} rows "
+                            f"(num_boxes) of float32; a truncated line?")
+    return ImageRegions(image_id, image_w, image_h, boxes, features, base64=text)
 
 
 def _base64_rows(value: bytes, rows: int, field: str, what: str) -> np.ndarray:

@@ -44,6 +44,9 @@ class ImageRegions(NamedTuple):
     boxes: np.ndarray  # [N, 4] float32, pixels x1y1x2y2
     features: np.ndarray  # [N, 2048] float32
     cls_prob: Optional[np.ndarray] = None  # [N, C] float32 class probabilities; only beta records keep them
+    # The arrays' base64 text as a TSV row holds it (boxes, features, cls_prob): beta records store it as it is,
+    # as the official conversion does, instead of encoding the arrays again. Only set by the TSV reader.
+    base64: Optional[Dict[str, str]] = None
 
 
 def check_regions(regions: ImageRegions, what: str) -> None:
@@ -87,10 +90,12 @@ def encode_record(regions: ImageRegions, layout: str) -> bytes:
         record = {"image_id": regions.image_id, "image_h": regions.image_h, "image_w": regions.image_w,
                   "num_boxes": len(boxes), "boxes": boxes, "features": features}
     elif layout == "beta":
+        text = regions.base64 or {}
+        cls_prob = text.get("cls_prob") or (None if regions.cls_prob is None else _b64(regions.cls_prob))
         record = {"image_id": str(regions.image_id), "image_w": str(regions.image_w),
-                  "image_h": str(regions.image_h), "num_boxes": str(len(boxes)), "boxes": _b64(boxes),
-                  "features": _b64(features),
-                  "cls_prob": None if regions.cls_prob is None else _b64(regions.cls_prob)}
+                  "image_h": str(regions.image_h), "num_boxes": str(len(boxes)),
+                  "boxes": text.get("boxes") or _b64(boxes), "features": text.get("features") or _b64(features),
+                  "cls_prob": cls_prob}
     else:
         raise ValueError(f"layout={layout!r} must be one of {tuple(LAYOUT_NAMES)}")
     return pickle.dumps(record)
