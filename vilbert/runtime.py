@@ -29,13 +29,18 @@ def set_cpu_defaults() -> None:
     _keep_freed_memory()
 
 
+def cpu_threads() -> int:
+    """The thread count set by `MKL_NUM_THREADS`, for Paddle's kernels and BertAdam's CPU update alike."""
+    return int(os.environ["MKL_NUM_THREADS"])
+
+
 def set_paddle_threads() -> None:
     """After Paddle is imported: its threads as `MKL_NUM_THREADS` says, and no strided views on CPU-only builds."""
     import paddle
 
     core = getattr(paddle.base, "core", None)
     if hasattr(core, "set_num_threads"):
-        core.set_num_threads(int(os.environ["MKL_NUM_THREADS"]))
+        core.set_num_threads(cpu_threads())
     if not paddle.is_compiled_with_cuda() and "FLAGS_use_stride_kernel" not in os.environ:
         paddle.set_flags({"FLAGS_use_stride_kernel": False})
 
