@@ -235,6 +235,23 @@ def test_set_state_dict_rejects_foreign_state(ref):
         optimizer.set_state_dict({**state, 'state': {**state['state'], name: bad}})
 
 
+def test_set_state_dict_reads_the_scaled_moments_of_earlier_versions(ref):
+    """Before issue 11 the fused kernel kept beta's moments times (1 - float32(beta)) / (1 - beta), saved with
+    those factors as ``moment_scales``: a resume from such a state continues with beta's moments."""
+    _, params, _, optimizer = _setup(ref)
+    _apply(ref, params, optimizer, 0)
+    state = optimizer.state_dict()
+    scales = [(1 - float(np.float32(beta))) / (1 - beta) for beta in (0.9, 0.999)]
+    old = {**state, 'moment_scales': scales,
+           'state': {name: {**entry, **{key: entry[key].numpy() * scale for key, scale in
+                                        zip(('moment1', 'moment2'), scales)}} for name, entry in state['state'].items()}}
+    _, _, _, resumed = _setup(ref)
+    resumed.set_state_dict(old)
+    for name, entry in resumed.state_dict()['state'].items():
+        for key in ('moment1', 'moment2'):
+            np.testing.assert_allclose(entry[key].numpy(), state['state'][name][key].numpy(), rtol=1e-6)
+
+
 def test_clipping_is_per_tensor_and_leaves_small_gradients_alone():
     (_, big), (_, small) = named = _named(['bert.big.weight', 'bert.small.weight'], (4,))
     optimizer = BertAdam(build_param_groups(named, base_lr=1.0, head_lr=1.0), t_total=10, warmup=0.0)
