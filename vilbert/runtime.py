@@ -1,12 +1,11 @@
 """Process-wide CPU settings for Paddle, measured on this project's 2-core AMD EPYC machine.
 
 - Threads: Paddle's CPU wheel runs on one thread unless told otherwise. `MKL_NUM_THREADS` (default: the CPUs
-  this process may use) sets both MKL's threads (matmuls) and Paddle's OpenMP threads (other kernels, such as
-  the optimizer's `adamw_`: 1.2 -> 0.7 s per full-config step on 2 cores). `OMP_NUM_THREADS` cannot serve:
-  importing Paddle sets it to 1 when unset (and warns when it is above 1), so its value depends on what was
-  imported first, and results change with the thread count (the optimizer's rounding does).
+  this process may use) sets MKL's threads (matmuls), Paddle's OpenMP threads (other kernels) and those of
+  BertAdam's CPU update (`cpu_threads`). `OMP_NUM_THREADS` cannot serve: importing Paddle sets it to 1 when
+  unset (and warns when it is above 1), so its value would depend on what was imported first.
 - MKL takes a slow generic path on AMD CPUs unless `MKL_DEBUG_CPU_TYPE=5`: with both, a 800x1024x1024 matmul
-  goes from 25 to 136 GFLOP/s, and the optimizer step from 1.35 s to 0.75 s.
+  goes from 25 to 136 GFLOP/s.
 - Strided views (on by default) make a transpose free but the reshape after it, and its gradient, a slow copy
   (8.8 ms per [8, 100, 1024] against 1.9 ms for the transpose kernel); off on CPU-only builds, outputs identical.
 - glibc hands large freed blocks back to the OS, so every backward pass faulted ~550 MB of fresh pages in again
