@@ -37,7 +37,8 @@ class RunOptions:
     dataroot: str = "data/referExpression"
     features_h5path1: str = "refcoco+_resnet101_faster_rcnn_genome.lmdb"  # detected boxes
     features_h5path2: str = "refcoco+_gt_resnet101_faster_rcnn_genome.lmdb"  # ground-truth boxes (train only)
-    feature_cache: bool = True  # use a decoded cache built by tools/build_feature_cache.py when present
+    feature_cache: bool = True  # read the features from their decoded cache (vilbert/features.py)
+    build_feature_cache: bool = True  # build that cache (float16) on first use when missing or stale
     train_split: str = "train"
     val_split: str = "val"
     max_seq_length: int = 20
