@@ -53,13 +53,14 @@ def tensor_of(array: np.ndarray) -> paddle.Tensor:
 class BatchLoader:
     """Batches (dicts of tensors, see `dataset.collate`) of `dataset` in the order of `batch_sampler`.
 
-    num_workers=0 assembles each batch in the calling thread when it is asked for; num_workers=N keeps
-    2N batches in flight on N threads. Iterating again starts over (the sampler decides the order).
+    num_workers=0 assembles each batch in the calling thread when it is asked for; num_workers=N has N
+    threads assemble the next N batches while the caller works on one. Iterating again starts over (the
+    sampler decides the order).
     """
 
-    def __init__(self, dataset, batch_sampler, num_workers: int = 0, place=None):
+    def __init__(self, dataset, batch_sampler, num_workers: int = 0):
         self.dataset, self.batch_sampler, self.num_workers = dataset, batch_sampler, num_workers
-        self.place = place if place is not None else host_place()
+        self.place = host_place()
 
     def __len__(self) -> int:
         return len(self.batch_sampler)
@@ -79,7 +80,7 @@ class BatchLoader:
         try:
             for indices in self.batch_sampler:
                 pending.append(pool.submit(self.batch, indices))
-                if len(pending) > 2 * self.num_workers:
+                if len(pending) > self.num_workers:
                     yield pending.popleft().result()
             while pending:
                 yield pending.popleft().result()
