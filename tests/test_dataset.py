@@ -283,6 +283,7 @@ def test_sample_hands_collate_views_of_the_cached_rows(root, tokenizer):
     det, gt = open_features(root / DET), open_features(root / GT)
     data = ReferExpressionDataset(root, "train", tokenizer, det, gt)
     blocks = data.sample(0)["features"]
-    assert len(blocks) == 2 and np.shares_memory(blocks[0], det[1].features) and np.shares_memory(blocks[1], gt[1].features)
+    assert len(blocks) == 2
+    assert np.shares_memory(blocks[0], det[1].features) and np.shares_memory(blocks[1], gt[1].features)
     np.testing.assert_array_equal(np.concatenate(blocks), data[0]["features"])
     np.testing.assert_array_equal(collate([data.sample(0)])["features"][0], data[0]["features"])

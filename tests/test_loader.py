@@ -1,6 +1,6 @@
 """BatchLoader: the same batches as collating samples and converting them with paddle.to_tensor (the path it
 replaces), with and without worker threads and the float16 cache; errors reach the caller; the pinned-memory
-branch of a CUDA build, forced on this CPU build."""
+branch of a GPU run, forced on this CPU build."""
 
 import numpy as np
 import paddle
@@ -86,15 +86,15 @@ def test_an_error_in_a_worker_reaches_the_caller(datasets, workers):
     assert len(list(BatchLoader(datasets["val", True], batches, workers))) == 5  # stopping early left nothing behind
 
 
-def test_cuda_builds_assemble_batches_in_pinned_memory(datasets, monkeypatch):
-    """The branch a CUDA build takes, forced here: every batch array is requested in CUDAPinnedPlace and the
+def test_gpu_runs_assemble_batches_in_pinned_memory(datasets, monkeypatch):
+    """The branch a GPU run takes, forced here: every batch array is requested in CUDAPinnedPlace and the
     batches are unchanged. A CPU build cannot even construct that place, so a stand-in takes its name, and the
     requests are served in CPU memory."""
 
     class PinnedPlace:
         pass
 
-    monkeypatch.setattr(paddle, "is_compiled_with_cuda", lambda: True)
+    monkeypatch.setattr(paddle.device, "get_device", lambda: "gpu:0")
     monkeypatch.setattr(paddle, "CUDAPinnedPlace", PinnedPlace)
     assert isinstance(host_place(), PinnedPlace)
     requested = []

@@ -1,6 +1,6 @@
 """Batches of tensors from a dataset, assembled once into the host memory the device copy reads.
 
-Each batch is allocated as Paddle host tensors (page-locked `CUDAPinnedPlace` when Paddle has CUDA, so the
+Each batch is allocated as Paddle host tensors (page-locked `CUDAPinnedPlace` when training on a GPU, so the
 copy to the GPU is one DMA; `CPUPlace` otherwise) and filled through NumPy views of their memory by `collate`,
 which copies every feature row straight from the memory-mapped cache into it: one copy per byte, where
 gathering, padding and `paddle.to_tensor` made three.
@@ -23,9 +23,9 @@ from .dataset import collate
 
 
 def host_place():
-    """Where batches are assembled: page-locked memory when Paddle has CUDA (even if this run is on the CPU,
-    since a CUDA build can copy from it to any GPU), else ordinary CPU memory."""
-    return paddle.CUDAPinnedPlace() if paddle.is_compiled_with_cuda() else paddle.CPUPlace()
+    """Where batches are assembled: page-locked memory when the current device is a GPU (`engine.prepare`
+    then copies each batch there in one DMA), else ordinary CPU memory, which the model reads as it is."""
+    return paddle.CUDAPinnedPlace() if paddle.device.get_device().startswith("gpu") else paddle.CPUPlace()
 
 
 class _HostTensor:
@@ -35,7 +35,7 @@ class _HostTensor:
     def __init__(self, shape, dtype: np.dtype, place):
         # _C_ops.empty (what paddle.empty calls; the same in Paddle 2.6 and 3.x) is the one way to allocate a
         # tensor in a given place without copying anything into it
-        self.tensor = _C_ops.empty(list(shape), paddle.to_tensor(np.zeros(0, dtype)).dtype, place)
+        self.tensor = _C_ops.empty(list(shape), getattr(paddle, dtype.name), place)  # paddle.float16, ...
         self.__array_interface__ = {"shape": tuple(shape), "typestr": dtype.str, "version": 3,
                                     "data": (self.tensor.data_ptr(), False)}
 

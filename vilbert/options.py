@@ -66,7 +66,10 @@ class RunOptions:
     gradient_accumulation_steps: int = 1
     # running
     seed: int = 0
-    num_workers: int = 2
+    # Loader threads (vilbert/loader.py); the one default, used by every config. Threads, not processes:
+    # batches are mostly memcpy, which runs outside the GIL, and need no copy out of a worker. 4 measured fastest
+    # for the train loader at the real config (bench/bench_loader.py); a GPU box has cores to spare for them.
+    num_workers: int = 4
     device: str = "auto"  # auto: gpu when Paddle has CUDA, else cpu
     amp: str = "off"  # off, bf16, fp16
     output_dir: str = "checkpoints"
