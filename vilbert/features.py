@@ -450,7 +450,7 @@ def ensure_feature_cache(lmdb_path, progress: bool = True) -> Path:
     lmdb_path = os.fspath(lmdb_path)
     beside = default_cache_path(lmdb_path)
     target = beside if os.access(beside.parent, os.W_OK) else fallback_cache_path(lmdb_path)
-    with _file_lock(target.with_name(f".{target.name}.lock")):
+    with _build_lock(target):
         try:
             FeatureCache(target, source=lmdb_path)
             return target  # built by another process while this one waited
@@ -466,14 +466,14 @@ def ensure_feature_cache(lmdb_path, progress: bool = True) -> Path:
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path):
-    """An exclusive lock (flock) on `path`, created if missing, held for the block; waiting is announced."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as lock:
+def _build_lock(target: Path):
+    """An exclusive lock (flock) on the file `.<target name>.lock` beside `target`, held for the block."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_name(f".{target.name}.lock"), "a") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            print(f"Waiting for another process to finish building {path.name[1:-len('.lock')]} ...", flush=True)
+            print(f"Waiting for another process to finish building {target} ...", flush=True)
             fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
