@@ -21,8 +21,6 @@ keeps the ratios stable on a shared machine.
 import argparse
 import dataclasses
 import functools
-import gc
-import itertools
 import os
 import subprocess
 import sys
@@ -87,19 +85,39 @@ def memcpy_seconds(nbytes: int) -> float:
 def timed(loader, batches: int, skip: int):
     """(samples/s, seconds per batch, mean feature bytes per batch) of `batches` batches after the first
     `skip` (worker start-up and the batches they had ready by then), starting another epoch when one ends."""
-    epochs = (batch for _ in itertools.count() for batch in loader)
-    for _ in range(skip):
-        next(epochs)
-    samples, nbytes = 0, 0
-    started = time.perf_counter()
-    for _, batch in zip(range(batches), epochs):
-        features = batch["features"]
-        samples += features.shape[0]
-        nbytes += int(np.prod(features.shape)) * features.element_size()
-    seconds = time.perf_counter() - started
-    epochs.close()
-    gc.collect()  # Paddle's process iterators sit in reference cycles: their workers stop only when collected
+    iterator = iter(loader)
+
+    def next_batch():
+        nonlocal iterator
+        try:
+            return next(iterator)
+        except StopIteration:
+            stop(iterator)
+            iterator = iter(loader)
+            return next(iterator)
+
+    try:
+        for _ in range(skip):
+            next_batch()
+        samples, nbytes = 0, 0
+        started = time.perf_counter()
+        for _ in range(batches):
+            features = next_batch()["features"]
+            samples += features.shape[0]
+            nbytes += int(np.prod(features.shape)) * features.element_size()
+        seconds = time.perf_counter() - started
+    finally:
+        stop(iterator)
     return samples / seconds, seconds / batches, nbytes // batches
+
+
+def stop(iterator) -> None:
+    """Stops a loader's workers now: ours on close(); Paddle's process workers otherwise outlive their iterator
+    (and keep their shared memory) until the process exits."""
+    if hasattr(iterator, "_try_shutdown_all"):
+        iterator._try_shutdown_all()
+    else:
+        iterator.close()
 
 
 def paddle_process_loader(dataset, batch_sampler, workers: int):
