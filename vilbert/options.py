@@ -68,7 +68,8 @@ class RunOptions:
     seed: int = 0
     # Loader threads (vilbert/loader.py); the one default, used by every config. Threads, not processes:
     # batches are mostly memcpy, which runs outside the GIL, and need no copy out of a worker. 4 measured fastest
-    # for the train loader at the real config (bench/bench_loader.py); a GPU box has cores to spare for them.
+    # for both loaders at the real config, even on 2 cores (train 13,948 samples/s vs 10,351 with 1; Paddle's
+    # shared-memory processes ~2,000; bench/bench_loader.py, README Speed); a GPU box has cores to spare.
     num_workers: int = 4
     device: str = "auto"  # auto: gpu when Paddle has CUDA, else cpu
     amp: str = "off"  # off, bf16, fp16
