@@ -2,6 +2,8 @@
 
     python tools/make_demo_data.py --out data/demo                  # what `python train.py --demo` uses
     python tools/make_demo_data.py --out data/demo_mt --layout mt   # vilbert-multi-task LMDB records
+    python tools/make_demo_data.py --out /big/refcoco+_sized --num_train_images 17000 --num_val_images 1500 \
+        --num_test_images 750 --max_detections 100                  # RefCOCO+-sized, for benchmarks (~24 GB)
 """
 
 import argparse
@@ -22,9 +24,12 @@ def main(argv=None) -> None:
     parser.add_argument("--num_train_images", type=int, default=600)
     parser.add_argument("--num_val_images", type=int, default=150)
     parser.add_argument("--num_test_images", type=int, default=60, help="per test split (testA, testB)")
+    parser.add_argument("--max_detections", type=int, default=0,
+                        help="add background boxes, up to this many detections per image (real files: 100)")
     args = parser.parse_args(argv)
     root = make_demo_dataset(args.out, seed=args.seed, layout=args.layout, num_train_images=args.num_train_images,
-                             num_val_images=args.num_val_images, num_test_images=args.num_test_images)
+                             num_val_images=args.num_val_images, num_test_images=args.num_test_images,
+                             max_detections=args.max_detections)
     refer = REFER(root, "refcoco+", "unc")
     print(f"Wrote {args.layout}-layout demo data to {root}")
     print(f"{'split':<6} {'refs':>6} {'sentences':>10} {'images':>7}")

@@ -21,6 +21,7 @@ outside COCO train2014, so no real image is mistaken for a generated one.
 """
 
 import base64
+import contextlib
 import json
 import os
 import pickle
@@ -81,11 +82,15 @@ FIRST_ANN_ID = 3_000_000
 
 
 def make_demo_dataset(root, *, seed: int = 0, layout: str = "beta", num_train_images: int = 600,
-                      num_val_images: int = 150, num_test_images: int = 60) -> Path:
+                      num_val_images: int = 150, num_test_images: int = 60, max_detections: int = 0) -> Path:
     """Write the generated data root (deterministic in `seed`) and return its path.
 
     num_test_images is per test split (testA and testB each). refs(unc).p is written last, so its presence
     means the root is complete. A few seconds for the default size (~870 images, ~180 MB in beta layout).
+    max_detections > 0 adds background boxes anywhere in the image, up to a count drawn uniformly from [the
+    image's own count, max_detections], as real detectors return up to 100 (RefCOCO+-sized data for benchmarks:
+    20,000 images at max_detections=100 are about 24 GB in beta layout). Records are written as they are made,
+    so memory stays small at any size.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r} must be one of {LAYOUTS}")
@@ -98,34 +103,34 @@ def make_demo_dataset(root, *, seed: int = 0, layout: str = "beta", num_train_im
     splits = [splits[i] for i in rng.permutation(len(splits))]  # interleaved, as in the real refs file
     image_ids = FIRST_IMAGE_ID + np.sort(rng.choice(400_000, size=len(splits), replace=False))
 
-    images, annotations, refs, detected, gt = [], [], [], {}, {}
+    images, annotations, refs = [], [], []
     num_sentences = 0
-    for image_id, split in zip(image_ids.tolist(), splits):
-        width, height = IMAGE_SIZES[rng.integers(len(IMAGE_SIZES))]
-        colours, kinds, boxes, referents, free_cells = _scene(rng, split, width, height)
-        ann_ids = [FIRST_ANN_ID + len(annotations) + i for i in range(len(boxes))]
-        images.append(_image(image_id, width, height))
-        annotations.extend(_annotation(rng, ann_id, image_id, KINDS[kind].category_id, box)
-                           for ann_id, kind, box in zip(ann_ids, kinds, boxes))
-        for number, index in enumerate(referents):
-            sentences = []
-            for _ in range(rng.integers(2, 5)):
-                raw, sent = _sentence(rng, index, colours, kinds)
-                sentences.append({"tokens": sent.split(), "raw": raw, "sent_id": num_sentences, "sent": sent})
-                num_sentences += 1
-            refs.append({"sent_ids": [s["sent_id"] for s in sentences],
-                         "file_name": f"COCO_train2014_{image_id:012d}_{number + 1}.jpg",
-                         "ann_id": ann_ids[index], "ref_id": len(refs), "image_id": image_id, "split": split,
-                         "category_id": KINDS[kinds[index]].category_id, "sentences": sentences})
-        key = str(image_id).encode()
-        detected[key] = _detections(rng, image_id, width, height, colours, kinds, boxes, free_cells, layout)
-        gt[key] = _record(rng, image_id, width, height, [_xyxy(boxes[i]) for i in referents],
-                          [colours[i] for i in referents], [kinds[i] for i in referents], layout)
+    with _lmdb_writer(root / DETECTED_LMDB) as put_detected, _lmdb_writer(root / GT_LMDB) as put_gt:
+        for image_id, split in zip(image_ids.tolist(), splits):
+            width, height = IMAGE_SIZES[rng.integers(len(IMAGE_SIZES))]
+            colours, kinds, boxes, referents, free_cells = _scene(rng, split, width, height)
+            ann_ids = [FIRST_ANN_ID + len(annotations) + i for i in range(len(boxes))]
+            images.append(_image(image_id, width, height))
+            annotations.extend(_annotation(rng, ann_id, image_id, KINDS[kind].category_id, box)
+                               for ann_id, kind, box in zip(ann_ids, kinds, boxes))
+            for number, index in enumerate(referents):
+                sentences = []
+                for _ in range(rng.integers(2, 5)):
+                    raw, sent = _sentence(rng, index, colours, kinds)
+                    sentences.append({"tokens": sent.split(), "raw": raw, "sent_id": num_sentences, "sent": sent})
+                    num_sentences += 1
+                refs.append({"sent_ids": [s["sent_id"] for s in sentences],
+                             "file_name": f"COCO_train2014_{image_id:012d}_{number + 1}.jpg",
+                             "ann_id": ann_ids[index], "ref_id": len(refs), "image_id": image_id, "split": split,
+                             "category_id": KINDS[kinds[index]].category_id, "sentences": sentences})
+            key = str(image_id).encode()
+            put_detected(key, _detections(rng, image_id, width, height, colours, kinds, boxes, free_cells, layout,
+                                          max_detections))
+            put_gt(key, _record(rng, image_id, width, height, [_xyxy(boxes[i]) for i in referents],
+                                [colours[i] for i in referents], [kinds[i] for i in referents], layout))
 
     data_dir = root / DATASET_DIR
     data_dir.mkdir(parents=True, exist_ok=True)
-    _write_lmdb(root / DETECTED_LMDB, detected)
-    _write_lmdb(root / GT_LMDB, gt)
     instances = {
         "info": {"description": "ViLBERT-Paddle generated RefCOCO+-format demo data", "version": "1.0",
                  "year": 2024, "contributor": "vilbert/demo_data.py", "date_created": "2024-01-01",
@@ -220,8 +225,9 @@ def _b64(array):
     return base64.b64encode(np.ascontiguousarray(array, np.float32).tobytes()).decode("ascii")
 
 
-def _detections(rng, image_id, width, height, colours, kinds, boxes, free_cells, layout):
-    """Each object's box jittered (IoU > 0.5 with it) plus 2-3 boxes in cells without objects, in random order."""
+def _detections(rng, image_id, width, height, colours, kinds, boxes, free_cells, layout, max_detections=0):
+    """Each object's box jittered (IoU > 0.5 with it) plus 2-3 boxes in cells without objects, in random order;
+    with max_detections, background boxes anywhere up to a count drawn from [that count, max_detections]."""
     regions = []
     for colour, kind, box in zip(colours, kinds, boxes):
         x1, y1, x2, y2 = _xyxy(box)
@@ -234,6 +240,10 @@ def _detections(rng, image_id, width, height, colours, kinds, boxes, free_cells,
         regions.append((jittered, colour, kind))
     for cell in free_cells[:int(rng.integers(2, 4))]:
         regions.append((_xyxy(_box_in(rng, cell, 0.3, 0.9)), None, None))
+    if max_detections > len(regions):
+        whole_image = (0.0, 0.0, float(width), float(height))
+        for _ in range(int(rng.integers(len(regions), max_detections + 1)) - len(regions)):
+            regions.append((_xyxy(_box_in(rng, whole_image, 0.1, 0.9)), None, None))
     regions = [regions[i] for i in rng.permutation(len(regions))]
     return _record(rng, image_id, width, height, *map(list, zip(*regions)), layout)
 
@@ -284,21 +294,33 @@ def _annotation(rng, ann_id, image_id, category_id, box):
             "category_id": category_id, "id": ann_id}
 
 
-def _write_lmdb(path: Path, records: dict) -> None:
-    """An LMDB folder (data.mdb, lock.mdb) of `records`, then b'keys' last as the official converters do.
-
-    Written in a temporary folder that replaces `path` at the end, so a reader never sees half of it.
-    """
+@contextlib.contextmanager
+def _lmdb_writer(path: Path):
+    """Yields put(key, value) into a new LMDB folder at `path`; at the end b'keys' is written last, as the
+    official converters do, and the folder replaces `path`, so a reader never sees half of it."""
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    # Values above a page go to overflow pages: room for each value rounded up to pages, plus slack.
-    map_size = sum(len(v) + 8192 for v in records.values()) * 2 + (64 << 20)
-    env = lmdb.open(str(tmp), map_size=map_size)
-    with env.begin(write=True) as txn:
-        for key, value in records.items():
+    path.parent.mkdir(parents=True, exist_ok=True)
+    env = lmdb.open(str(tmp), map_size=1 << 40)  # an upper bound, as the official converters give; not allocated
+    keys = []
+    txn = env.begin(write=True)
+    try:
+        def put(key: bytes, value: bytes) -> None:
+            nonlocal txn
             txn.put(key, value)
-    with env.begin(write=True) as txn:
-        txn.put(b"keys", pickle.dumps(list(records)))
+            keys.append(key)
+            if len(keys) % 500 == 0:  # bounded transactions: memory stays small for any number of records
+                txn.commit()
+                txn = env.begin(write=True)
+
+        yield put
+        txn.put(b"keys", pickle.dumps(keys))
+        txn.commit()
+    except BaseException:
+        txn.abort()
+        env.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     env.close()
     if path.exists():
         old = path.with_name(f"{path.name}.old-{os.getpid()}")
