@@ -19,7 +19,7 @@ import numpy as np
 import paddle
 import paddle.distributed as dist
 
-from .checkpoint import CheckpointError, load_pretrained, save_checkpoint
+from .checkpoint import CheckpointError, load_pretrained, read_training_state, save_checkpoint
 from .config import ConfigError, ViLBertConfig
 from .dataset import ReferExpressionDataset, collate
 from .engine import EpochBatchSampler, NonFiniteLossError, evaluate, train_one_epoch
@@ -204,7 +204,7 @@ def fit(options: RunOptions) -> dict:
 
     start_epoch, best = 0, {"val_accuracy": -1.0, "epoch": -1}
     if resume_path:
-        state = paddle.load(str(resume_path))
+        state = read_training_state(resume_path)
         model.set_state_dict(state["model"])
         optimizer.set_state_dict(state["optimizer"])
         start_epoch, best = state["epoch"] + 1, state["best"]
