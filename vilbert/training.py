@@ -19,6 +19,8 @@ import numpy as np
 import paddle
 import paddle.distributed as dist
 
+from pyutils.refer import AnnotationError
+
 from .checkpoint import CheckpointError, load_pretrained, read_training_state, save_checkpoint
 from .config import ConfigError, ViLBertConfig
 from .dataset import ReferExpressionDataset, collate
@@ -28,6 +30,7 @@ from .fileio import atomic_path, atomic_write
 from .model import VILBertForVLTasks, ViLBertOutput
 from .optimization import BertAdam, build_param_groups, describe_param_groups
 from .options import OptionsError, RunOptions, resolve_device
+from .refer_datasets import UnknownSplitError
 from .storage import localize
 from .tokenization import BertTokenizer
 
@@ -39,7 +42,7 @@ class OutOfMemoryError(MemoryError):
 # What the user can fix (paths, downloads, configs, flags, checkpoints, a diverging or too large run): the
 # entry scripts report these as one line instead of a traceback.
 USER_ERRORS = (FileNotFoundError, PermissionError, OptionsError, ConfigError, CheckpointError, FeaturesError,
-               ImageNotInFeatures, NonFiniteLossError, OutOfMemoryError)
+               ImageNotInFeatures, NonFiniteLossError, OutOfMemoryError, AnnotationError, UnknownSplitError)
 
 
 @contextlib.contextmanager
