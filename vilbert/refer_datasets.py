@@ -5,6 +5,8 @@
 dataset where the task config had the old dataset's value (a value the config chose itself, and any flag
 given explicitly, stay). Facts: lichengunc/refer README (splitBy), vilbert-multi-task vilbert_tasks.yml
 (TASK9-11, feature paths), vilbert_beta data/README.md (RefCOCO+ features only).
+
+It imports nothing but the standard library, so `download_dataset.sh` reads it with `runpy` (no Paddle needed).
 """
 
 from dataclasses import dataclass
@@ -18,12 +20,17 @@ class ReferDataset:
     splits: Tuple[str, ...]  # the `split` values of its refs file
     eval_splits: Tuple[str, ...]  # what `eval.py --split all` reports
     task_id_12in1: int  # its TASK<n> in vilbert-multi-task's vilbert_tasks.yml (the task token's id)
+    refs_per_split: Tuple[int, ...]  # refs (objects) of each split in the released refs file
+    images: int  # images with refs, all splits
 
 
+# Counts: the TFDS ref_coco description (tensorflow/datasets vision_language/refcoco), as data_spec.md §1.4 lists them.
 DATASETS: Dict[str, ReferDataset] = {d.name: d for d in (
-    ReferDataset("refcoco", "unc", ("train", "val", "testA", "testB"), ("val", "testA", "testB"), 9),
-    ReferDataset("refcoco+", "unc", ("train", "val", "testA", "testB"), ("val", "testA", "testB"), 10),
-    ReferDataset("refcocog", "umd", ("train", "val", "test"), ("val", "test"), 11),
+    ReferDataset("refcoco", "unc", ("train", "val", "testA", "testB"), ("val", "testA", "testB"), 9,
+                 (42404, 3811, 1975, 1810), 19994),
+    ReferDataset("refcoco+", "unc", ("train", "val", "testA", "testB"), ("val", "testA", "testB"), 10,
+                 (42278, 3805, 1975, 1798), 19992),
+    ReferDataset("refcocog", "umd", ("train", "val", "test"), ("val", "test"), 11, (42226, 2573, 5023), 25799),
 )}
 
 # Detected-box and ground-truth-box feature LMDBs under the data root, per feature family: vilbert_beta's
