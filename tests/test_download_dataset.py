@@ -80,7 +80,7 @@ def test_check_reports_unreadable_files(tmp_path, demo_root):
     assert result.returncode == 1
     refs, instances = root / "refcoco+" / "refs(unc).p", root / "refcoco+" / "instances.json"
     assert f"{refs}: refusing to unpickle global posix.system" in result.stdout  # the training code's own message
-    assert f"{instances} is not JSON" in result.stdout
+    assert f"{instances} is an HTML page, not JSON" in result.stdout
     assert "no b'keys' record" in result.stdout and "3 of 4 missing or unreadable" in result.stdout
 
 

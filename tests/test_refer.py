@@ -259,7 +259,8 @@ def copy_annotations(demo_root, tmp_path):
 @pytest.mark.parametrize("damage, problem", [
     (lambda data: data[:len(data) // 2], "is truncated"),
     (lambda data: b"", "is truncated"),
-    (lambda data: b"<!DOCTYPE html><html>Sign in</html>", "is not a pickle"),
+    (lambda data: b"<!DOCTYPE html><html>Sign in</html>", "is an HTML page, not a pickle"),
+    (lambda data: b"PK\x03\x04 a zip file", "is not a pickle"),
 ])
 def test_damaged_refs_file_is_one_clear_error(demo_root, tmp_path, damage, problem):
     refs = copy_annotations(demo_root, tmp_path) / "refs(unc).p"
@@ -268,12 +269,13 @@ def test_damaged_refs_file_is_one_clear_error(demo_root, tmp_path, damage, probl
         REFER(tmp_path, dataset="refcoco+")
     message = str(error.value)
     assert message.startswith(f"{refs} {problem}") and "\n" not in message
-    assert "download_dataset.sh --dataset refcoco+" in message and "--check" in message
+    assert f"download_dataset.sh --dataset refcoco+ --dataroot {tmp_path}`" in message and "--check" in message
 
 
 @pytest.mark.parametrize("damage, problem", [
     (lambda text: text[:len(text) // 2], "is truncated"),
-    (lambda text: "<!DOCTYPE html><html>Dropbox</html>", "is not JSON"),
+    (lambda text: "<!DOCTYPE html><html>Dropbox</html>", "is an HTML page, not JSON"),
+    (lambda text: "images: []", "is not JSON (Expecting value"),
     (lambda text: json.dumps({"images": [], "annotations": []}), "has no categories list"),
 ])
 def test_damaged_instances_file_is_one_clear_error(demo_root, tmp_path, damage, problem):

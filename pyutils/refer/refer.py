@@ -45,15 +45,20 @@ class AnnotationError(ValueError):
     """A refs(*).p or instances.json that cannot be read: the message names the file, what is wrong and the fix."""
 
 
-def _fix(dataset):
-    return (f"re-download it (`bash download_dataset.sh --dataset {dataset}`), or audit the data root with "
-            f"`bash download_dataset.sh --check --dataset {dataset}`")
+def _fix(path, dataset):
+    """The fix of a damaged annotation file: its download and its data root's audit."""
+    where = f"--dataset {dataset} --dataroot {osp.dirname(osp.dirname(osp.abspath(path)))}"
+    return f"re-download it (`bash download_dataset.sh {where}`), or audit the data root (`... --check {where}`)"
+
+
+def _looks_like_html(data: bytes) -> bool:
+    return data.lstrip()[:1] == b"<"
 
 
 def load_refs(path, dataset="refcoco+"):
     """The list of refs in a `refs(<splitBy>).p`, read without running code: a REFER file is a (Python 2)
     pickle of plain lists, dicts, strings and numbers, which needs no global, so any global is refused."""
-    fix = _fix(dataset)
+    fix = _fix(path, dataset)
     try:
         with open(path, "rb") as f:
             refs = RestrictedUnpickler(f, path, {}, "a REFER refs file holds only lists, dicts, strings and "
@@ -62,10 +67,14 @@ def load_refs(path, dataset="refcoco+"):
     except AnnotationError:
         raise
     except Exception as error:  # a damaged pickle fails in many ways inside pickle
+        with open(path, "rb") as f:
+            start = f.read(64)
         if isinstance(error, EOFError) or "truncated" in str(error):
             problem = "is truncated (the download or copy stopped early)"
+        elif _looks_like_html(start):
+            problem = "is an HTML page, not a pickle (a login or error page was saved instead of the file)"
         else:
-            problem = f"is not a pickle ({type(error).__name__}: {error})"
+            problem = f"is not a pickle ({type(error).__name__}: {' '.join(str(error).split())})"
         raise AnnotationError(f"{path} {problem}; {fix}") from None
     if not isinstance(refs, list) or not refs or not all(isinstance(ref, dict) for ref in refs):
         raise AnnotationError(f"{path} does not hold a list of refs (it holds a {type(refs).__name__}); {fix}")
@@ -76,14 +85,18 @@ def load_refs(path, dataset="refcoco+"):
 
 def load_instances(path, dataset="refcoco+"):
     """The COCO `instances.json` beside the refs, with one clear error for a damaged or incomplete file."""
-    fix = _fix(dataset)
+    fix = _fix(path, dataset)
     try:
         with open(path, "rb") as f:
             text = f.read()
         instances = json.loads(text)
     except json.JSONDecodeError as error:
-        problem = ("is truncated (the download or copy stopped early)" if error.pos >= len(text.rstrip())
-                   else f"is not JSON ({error})")
+        if error.pos >= len(text.rstrip()):
+            problem = "is truncated (the download or copy stopped early)"
+        elif _looks_like_html(text):
+            problem = "is an HTML page, not JSON (a login or error page was saved instead of the file)"
+        else:
+            problem = f"is not JSON ({error})"
         raise AnnotationError(f"{path} {problem}; {fix}") from None
     except UnicodeDecodeError as error:
         raise AnnotationError(f"{path} is not JSON (not UTF-8 text: {error}); {fix}") from None
