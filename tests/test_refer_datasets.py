@@ -57,3 +57,21 @@ def test_unknown_dataset_split_scheme_or_split_is_one_error():
     with pytest.raises(UnknownSplitError, match="refcoco\\+ \\(unc\\) has no split 'testC'; its splits are train, "
                                                 "val, testA, testB"):
         check_split("refcoco+", "testC")
+
+
+def test_refcocog_trains_and_evaluates_end_to_end(tmp_path, capsys):
+    import eval as eval_script
+    import train
+    from training_support import run_flags
+    from vilbert.demo_data import make_demo_dataset
+
+    root = make_demo_dataset(tmp_path / "data", dataset="refcocog", seed=0, num_train_images=8, num_val_images=4,
+                             num_test_images=3)
+    train.main(["--demo"] + run_flags(root, tmp_path / "out", num_train_epochs=1) + ["--dataset", "refcocog"])
+    printed = capsys.readouterr().out
+    assert "Epoch 0 done!" in printed
+    run_dir = tmp_path / "out" / "run"
+    assert "dataset: refcocog\nsplitBy: umd\n" in (run_dir / "config.yaml").read_text()
+    eval_script.main(["--from_pretrained", str(run_dir / "best.pdparams"), "--split", "all"])
+    rows = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith(("val ", "test "))]
+    assert rows == ["val", "test"]
