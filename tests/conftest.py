@@ -1,5 +1,8 @@
 """Shared fixtures: small generated RefCOCO+ data roots in the official layout (vilbert/demo_data.py)."""
 
+from types import SimpleNamespace
+
+import paddle
 import pytest
 
 from vilbert.demo_data import make_demo_dataset
@@ -18,3 +21,20 @@ def demo_root(tmp_path_factory):
 def demo_root_mt(tmp_path_factory):
     """The same data as `demo_root` (same seed and sizes), with vilbert-multi-task LMDB records."""
     return make_demo_dataset(tmp_path_factory.mktemp("demo_mt"), layout="mt", **DEMO_SIZES)
+
+
+@pytest.fixture(autouse=True)
+def on_cpu():
+    """Tests of CPU behaviour run on the CPU also on a machine with a GPU (tests/test_gpu.py picks the GPU itself)."""
+    paddle.set_device("cpu")
+
+
+@pytest.fixture
+def scaler_on_gpu(monkeypatch):
+    """paddle.amp.GradScaler built while this is active believes it runs on a GPU under fp16 autocast.
+
+    CPU builds switch the scaler off; this runs its GPU path (scale, unscale, skip, update) on the CPU kernels.
+    """
+    gpu_place = SimpleNamespace(is_gpu_place=lambda: True, is_xpu_place=lambda: False, is_custom_place=lambda: False)
+    monkeypatch.setattr(paddle.amp.grad_scaler, "_dygraph_tracer", lambda: SimpleNamespace(_expected_place=gpu_place))
+    monkeypatch.setattr(paddle.amp.grad_scaler, "amp_global_state", lambda: SimpleNamespace(amp_dtype="float16"))

@@ -19,6 +19,11 @@ from training_support import (PROJECT, max_weight_difference, make_tiny_root, no
 from vilbert.config import ViLBertConfig
 from vilbert.model import VILBertForVLTasks
 
+# The launcher gives each rank a GPU wherever it sees one (and cannot be told not to: it reads CUDA_VISIBLE_DEVICES as
+# a device list), so these CPU runs need a machine without a visible GPU; tests/test_gpu.py launches 2 GPU ranks there.
+pytestmark = pytest.mark.skipif(paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0,
+                                reason="paddle.distributed.launch assigns GPUs here; see tests/test_gpu.py")
+
 LAUNCHER = '''"""train.py without the REC head's dropout."""
 import sys
 

@@ -4,6 +4,7 @@ import os
 import pickle
 import shutil
 import subprocess
+import sys
 import tarfile
 import threading
 from pathlib import Path
@@ -25,8 +26,9 @@ needs_downloader = pytest.mark.skipif(not (shutil.which("curl") or shutil.which(
 
 
 def run(*args, **env):
+    """The script with this interpreter (the one whose packages the tests use) as its PYTHON."""
     return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **env})
+                          env={**os.environ, "PYTHON": sys.executable, **env})
 
 
 class QuietHandler(http.server.SimpleHTTPRequestHandler):

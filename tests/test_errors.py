@@ -156,7 +156,7 @@ def test_truncated_lmdb(broken_root, tmp_path):
 def predict_args(root, checkpoint, image_id, expression):
     return ["--task_config", str(PROJECT / "config" / "demo.yml"), "--dataroot", str(root), "--config_file",
             str(TEST_MODEL), "--from_pretrained", str(checkpoint), "--image_id", str(image_id),
-            "--expression", expression]
+            "--expression", expression, "--device", "cpu"]
 
 
 def test_predict_image_missing_from_the_features(root, checkpoint, capsys):

@@ -4,7 +4,6 @@
 by `tools/make_optimizer_reference.py`; here the same gradients are replayed through our Paddle BertAdam.
 """
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import paddle
@@ -201,14 +200,8 @@ def test_rejects_half_precision_parameters():
         BertAdam([{'lr': 1e-4, 'weight_decay': 0.0, 'names': ['x'], 'params': [param]}], t_total=10)
 
 
-def test_grad_scaler_unscales_through_param_groups(ref, monkeypatch):
-    """paddle.amp.GradScaler (used with fp16 on GPU) unscales the gradients it finds in `_param_groups`.
-
-    CPU builds switch the scaler off, so pretend to be on a GPU under fp16 autocast to run the unscale path here.
-    """
-    gpu_place = SimpleNamespace(is_gpu_place=lambda: True, is_xpu_place=lambda: False, is_custom_place=lambda: False)
-    monkeypatch.setattr(paddle.amp.grad_scaler, '_dygraph_tracer', lambda: SimpleNamespace(_expected_place=gpu_place))
-    monkeypatch.setattr(paddle.amp.grad_scaler, 'amp_global_state', lambda: SimpleNamespace(amp_dtype='float16'))
+def test_grad_scaler_unscales_through_param_groups(ref, scaler_on_gpu):
+    """paddle.amp.GradScaler (used with fp16 on GPU) unscales the gradients it finds in `_param_groups`."""
     scaler = paddle.amp.GradScaler(init_loss_scaling=1024.0)
     _, plain_params, _, plain = _setup(ref)
     _, scaled_params, _, scaled = _setup(ref)

@@ -19,8 +19,9 @@ import vilbert.training
 from training_support import PROJECT, make_tiny_root, read_metrics, read_weights, run_flags
 
 EPOCHS = 2
-# tqdm's bar of epoch 1 with at least one of its steps done, and not all of them
-MID_EPOCH_1 = re.compile(r"Epoch 1:\s+\d+%\|[^|\r\n]*\|\s*(\d+)/(\d+)")
+# progress of epoch 1 with at least one of its steps done, and not all of them: a plain line when stderr is not a
+# terminal ("Epoch 1: 2/8 steps, ..."), tqdm's bar when it is
+MID_EPOCH_1 = re.compile(r"Epoch 1:\s+(?:\d+%\|[^|\r\n]*\|\s*)?(\d+)/(\d+)")
 
 
 class Killed(BaseException):
@@ -160,6 +161,23 @@ def test_resume_auto_without_a_run_starts_fresh(root, tmp_path, uninterrupted, c
     train.main(flags(root, tmp_path) + ["--resume", "auto"])
     assert "Resumed" not in capsys.readouterr().out
     assert_same_run(tmp_path / "run", uninterrupted)
+
+
+def test_fp16_loss_scale_is_saved_and_resumed(root, tmp_path, scaler_on_gpu, monkeypatch):
+    """The GradScaler's state (scale, counts of good and skipped steps) is in last.pdparams and --resume restores
+    it: a run that dies in epoch 1 and is resumed ends as the uninterrupted one, scaler included."""
+    argv = flags(root, tmp_path / "whole") + ["--amp", "fp16"]
+    train.main(argv)
+    scaler = paddle.load(str(tmp_path / "whole" / "run" / "last.pdparams"), return_numpy=True)["scaler"]
+    assert scaler["incr_count"] == 16 and np.asarray(scaler["scale"]).item() == 2.0 ** 15  # 2 epochs of 8 steps
+    argv = flags(root, tmp_path / "parts") + ["--amp", "fp16"]
+    with monkeypatch.context() as patch:
+        fail_at_epoch_1(patch, "metrics.jsonl")
+        with pytest.raises(Killed):
+            train.main(argv)
+    assert paddle.load(str(tmp_path / "parts" / "run" / "last.pdparams"), return_numpy=True)["scaler"]["incr_count"] == 8
+    train.main(argv + ["--resume", "auto"])
+    assert_same_run(tmp_path / "parts" / "run", tmp_path / "whole" / "run")
 
 
 class Payload:

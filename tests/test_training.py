@@ -60,7 +60,7 @@ def test_run_directory_holds_config_metrics_curves_and_checkpoints(run, root):
     best_epoch = max(metrics, key=lambda m: m["val_accuracy"])["epoch"]  # first of equals, as fit keeps it
     assert last["epoch"] == 1 and last["best"] == {"val_accuracy": metrics[best_epoch]["val_accuracy"],
                                                    "epoch": best_epoch}
-    assert set(last) == {"model", "optimizer", "epoch", "best", "options"}
+    assert set(last) == {"model", "optimizer", "scaler", "epoch", "best", "options"}
     same = [np.array_equal(a, b) for a, b in zip(read_weights(run_dir / "best.pdparams").values(),
                                                 read_weights(run_dir / "last.pdparams").values())]
     assert all(same) if best_epoch == 1 else not all(same)  # best.pdparams holds the best epoch's weights

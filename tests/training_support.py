@@ -22,10 +22,11 @@ def make_tiny_root(folder) -> Path:
 
 
 def run_flags(root, output_dir, save_name: str = "run", **overrides) -> list:
-    """train.py flags for a run of the tiny model on `root` (demo recipe, 2 epochs, batch 8, no workers)."""
+    """train.py flags for a run of the tiny model on `root` (demo recipe, 2 epochs, batch 8, no workers), on the CPU
+    also where there is a GPU."""
     flags = {"task_config": DEMO_TASK, "dataroot": root, "output_dir": output_dir, "save_name": save_name,
              "config_file": TEST_MODEL, "num_train_epochs": 2, "batch_size": 8, "eval_batch_size": 16,
-             "num_workers": 0, **overrides}
+             "num_workers": 0, "device": "cpu", **overrides}
     return [item for key, value in flags.items() for item in (f"--{key}", str(value))]
 
 

@@ -14,9 +14,8 @@ from typing import Dict, List
 import numpy as np
 import paddle
 import paddle.distributed as dist
-from tqdm import tqdm
-
 from .metrics import rec_loss, rec_select
+from .progress import progress
 
 MODEL_INPUTS = ("input_ids", "features", "spatials", "segment_ids", "input_mask", "image_mask", "co_attention_mask")
 
@@ -97,7 +96,7 @@ def train_one_epoch(model, loader, optimizer, *, epoch: int, amp: str = "off", a
     """One pass over the loader; returns (mean train loss, train accuracy) over all ranks' samples."""
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
-    bar = tqdm(loader, desc=f"Epoch {epoch}", disable=not show_progress, dynamic_ncols=True)
+    bar = progress(loader, f"Epoch {epoch}", enabled=show_progress)
     for step, batch in enumerate(bar):
         batch = prepare(batch)
         last_micro = (step + 1) % accumulation == 0 or step + 1 == len(loader)
@@ -114,7 +113,8 @@ def train_one_epoch(model, loader, optimizer, *, epoch: int, amp: str = "off", a
             (scaler.scale(scaled) if scaler else scaled).backward()
         if last_micro:
             if scaler:
-                scaler.step(optimizer)
+                scaler.step(optimizer)  # unscales, then updates unless a gradient is inf/nan
+                scaler.update()  # lowers the scale after a skipped step, raises it after a run of good ones
             else:
                 optimizer.step()
             optimizer.clear_grad()
@@ -146,7 +146,7 @@ def evaluate(model, loader, *, amp: str = "off", task_id: int = 0, show_progress
     summed over all ranks when distributed."""
     model.eval()
     predictions, loss_sum = [], 0.0
-    for batch in tqdm(loader, desc=desc, disable=not show_progress, dynamic_ncols=True):
+    for batch in progress(loader, desc, enabled=show_progress):
         batch = prepare(batch)
         loss, logit = forward(model, batch, amp, task_ids_for(batch, task_id, model))
         index, iou, correct = (t.numpy() for t in rec_select(logit, batch["target"]))

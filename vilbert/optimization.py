@@ -16,6 +16,8 @@ import struct
 import paddle
 from paddle import _C_ops
 
+from .compat import adamw_
+
 
 def lr_at(step, epoch, *, base_lr, t_total, warmup, milestones, gamma):
     """The lr of one update: ``step`` is the parameter's update count before this update, ``epoch`` is 0-based.
@@ -148,11 +150,8 @@ class BertAdam:
             if lr not in lr_tensors:
                 lr_tensors[lr] = paddle.full([1], lr, dtype='float32')
             decay = group['weight_decay']
-            # adamw_(param, grad, lr, moment1, moment2, moment2_max, beta1_pow, beta2_pow, master_param, skip_update,
-            #        beta1, beta2, epsilon, lr_ratio, coeff, with_decay, lazy_mode, min_row_size_to_use_multithread,
-            #        multi_precision, use_global_beta_pow=True: leave the pows as they are, amsgrad)
-            _C_ops.adamw_(param, grad, lr_tensors[lr], state['moment1'], state['moment2'], None, *self._beta_pows,
-                          None, None, beta1, beta2, self._eps, 1.0, decay, decay > 0, False, 1000, False, True, False)
+            adamw_(param, grad, lr_tensors[lr], state['moment1'], state['moment2'], *self._beta_pows, beta1=beta1,
+                   beta2=beta2, epsilon=self._eps, coeff=decay, use_global_beta_pow=True)  # leaves the pows as they are
             state['step'] += 1
 
     def _clip_each(self, grads):
@@ -189,7 +188,7 @@ class BertAdam:
         for name, saved in state_dict['state'].items():
             entry = {'step': int(saved['step'])}
             for key in ('moment1', 'moment2'):
-                value = paddle.assign(saved[key]).astype('float32').to(params[name].place)  # a copy, on its device
+                value = paddle.to_tensor(saved[key], dtype='float32', place=params[name].place)  # a copy
                 if value.shape != params[name].shape:
                     raise ValueError(f"optimizer {key} of {name} has shape {value.shape}, "
                                      f"the parameter has {params[name].shape}")

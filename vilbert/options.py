@@ -71,6 +71,7 @@ class RunOptions:
     num_workers: int = 2
     device: str = "auto"  # auto: gpu when Paddle has CUDA, else cpu
     amp: str = "off"  # off, bf16, fp16
+    deterministic: bool = False  # GPU: deterministic cuDNN and embedding-gradient kernels (repeatable runs, slower)
     output_dir: str = "checkpoints"
     save_name: str = ""  # run directory name; empty: <dataset>_<config_file stem>
     resume: str = ""  # a run's last.pdparams, or 'auto' to continue <output_dir>/<save_name> if it exists

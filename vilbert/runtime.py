@@ -33,9 +33,7 @@ def set_paddle_threads() -> None:
     """After Paddle is imported: its threads as `MKL_NUM_THREADS` says, and no strided views on CPU-only builds."""
     import paddle
 
-    core = getattr(paddle.base, "core", None)
-    if hasattr(core, "set_num_threads"):
-        core.set_num_threads(int(os.environ["MKL_NUM_THREADS"]))
+    paddle.base.core.set_num_threads(int(os.environ["MKL_NUM_THREADS"]))
     if not paddle.is_compiled_with_cuda() and "FLAGS_use_stride_kernel" not in os.environ:
         paddle.set_flags({"FLAGS_use_stride_kernel": False})
 

@@ -9,6 +9,7 @@ boundary continues exactly as if it had never stopped.
 
 import contextlib
 import dataclasses
+import functools
 import json
 import random
 import time
@@ -70,9 +71,12 @@ def localize_paths(options: RunOptions) -> RunOptions:
 
 
 def setup_device(options: RunOptions) -> str:
-    """Select the device and, under `paddle.distributed.launch`, join the process group."""
+    """Select the device and, under `paddle.distributed.launch`, join the process group. With `deterministic` on a
+    GPU, cuDNN and the embedding gradient use their deterministic kernels (CPU kernels already are)."""
     device = resolve_device(options.device)
     paddle.set_device(device)
+    if options.deterministic and device == "gpu":
+        paddle.set_flags({"FLAGS_cudnn_deterministic": True, "FLAGS_embedding_deterministic": 1})
     if dist.get_world_size() > 1:
         dist.init_parallel_env()
     return device
@@ -181,12 +185,21 @@ def build_optimizer(model, options: RunOptions, steps_per_epoch: int) -> BertAda
                     milestones=options.lr_milestones, gamma=options.lr_gamma), groups
 
 
+def build_grad_scaler(amp: str) -> "paddle.amp.GradScaler | None":
+    """fp16 needs loss scaling (bf16 has fp32's range and does not). Dynamic, as torch's and apex's scalers: a step
+    with an inf/nan gradient is skipped and the scale halved; after 1000 good steps in a row it doubles."""
+    if amp != "fp16":
+        return None
+    return paddle.amp.GradScaler(init_loss_scaling=2.0 ** 15, incr_ratio=2.0, decr_ratio=0.5, incr_every_n_steps=1000,
+                                 decr_every_n_nan_or_inf=1)
+
+
 def fit(options: RunOptions) -> dict:
     """Fine-tune, evaluate every epoch, keep the best and the last checkpoint; returns the last metrics."""
     device = setup_device(options)
     options = localize_paths(options)
     main = is_main_process()
-    log = print if main else (lambda *a, **k: None)
+    log = functools.partial(print, flush=True) if main else (lambda *a, **k: None)  # flushed: logs go to files
     seed_everything(options.seed)
     run_dir = options.run_dir
     tokenizer = BertTokenizer(options.bert_model)
@@ -205,11 +218,14 @@ def fit(options: RunOptions) -> dict:
         f"{steps_per_epoch} steps/epoch")
     log(describe_param_groups(groups))
 
+    scaler = build_grad_scaler(options.amp)  # weights stay fp32 under O1 autocast
     start_epoch, best = 0, {"val_accuracy": -1.0, "epoch": -1}
     if resume_path:
         state = read_training_state(resume_path)
         model.set_state_dict(state["model"])
         optimizer.set_state_dict(state["optimizer"])
+        if scaler and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         start_epoch, best = state["epoch"] + 1, state["best"]
         log(f"Resumed from {resume_path}: continuing at epoch {start_epoch}")
     if main:
@@ -219,8 +235,6 @@ def fit(options: RunOptions) -> dict:
     if options.amp != "off" and device == "cpu":
         log(f"Note: --amp {options.amp} has no effect on CPU: Paddle's autocast only acts on GPU (and XPU) devices.")
         warnings.filterwarnings("ignore", message="amp_guard can only be enabled")
-    # fp16 needs loss scaling (bf16 has fp32's range and does not); weights stay fp32 under O1 autocast
-    scaler = paddle.amp.GradScaler(init_loss_scaling=2.0 ** 15) if options.amp == "fp16" else None
 
     history = _read_history(run_dir / "metrics.jsonl", before=start_epoch) if main else []
     metrics = {}
@@ -250,8 +264,9 @@ def fit(options: RunOptions) -> dict:
         atomic_write(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in history))
         plot_curves(history, run_dir / "curves.png")
         # last, as the commit point: a run killed before it redoes this epoch, with nothing of it missing
-        save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                         "best": best, "options": dataclasses.asdict(options)}, run_dir / "last.pdparams")
+        save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scaler": scaler.state_dict() if scaler else {}, "epoch": epoch, "best": best,
+                         "options": dataclasses.asdict(options)}, run_dir / "last.pdparams")
     log(f"Best val accuracy {best['val_accuracy']:.4f} at epoch {best['epoch']}; checkpoints in {run_dir}")
     return metrics
 

@@ -1,0 +1,83 @@
+"""selfcheck.py: its table and exit status on this machine, a failing data root, and its GPU branches forced onto
+the CPU (the GPU itself is tests/test_gpu.py's)."""
+
+from types import SimpleNamespace
+
+import paddle
+import pytest
+
+import selfcheck
+from training_support import DEMO_TASK, make_tiny_root
+from vilbert.options import RunOptions, load_task_config
+from vilbert.selfcheck import SelfCheck
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return make_tiny_root(tmp_path_factory.mktemp("tiny"))
+
+
+def run_selfcheck(capsys, *argv) -> tuple:
+    with pytest.raises(SystemExit) as exit_info:
+        selfcheck.main(["--task_config", str(DEMO_TASK), "--quick", "--device", "cpu", *argv])
+    out = capsys.readouterr().out
+    table = out[out.index("\ncheck "):].splitlines()
+    return exit_info.value.code, {line.split()[0]: line.split()[1] for line in table[2:] if line.strip()
+                                  and not line.startswith(("PASS", "FAIL"))}, out
+
+
+def test_a_ready_machine_passes_with_a_table(root, capsys):
+    code, status, out = run_selfcheck(capsys, "--dataroot", str(root))
+    assert code == 0 and out.rstrip().endswith("PASS: ready")
+    assert status == {"paddle": "PASS", "parity": "PASS", "optimizer": "PASS", "amp": "PASS", "launch": "SKIP",
+                      "step": "INFO", "repeatable": "SKIP", "data": "PASS", "checkpoint": "SKIP"}
+
+
+def test_a_missing_data_root_and_checkpoint_fail_with_status_1(tmp_path, capsys):
+    code, status, out = run_selfcheck(capsys, "--dataroot", str(tmp_path), "--from_pretrained",
+                                      str(tmp_path / "none.bin"))
+    assert code == 1 and status["data"] == status["checkpoint"] == "FAIL"
+    assert out.rstrip().endswith("FAIL: data, checkpoint") and "download_dataset.sh" in out
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """One 'GPU' whose kernels are the CPU's: what SelfCheck does on a GPU, minus the GPU."""
+    flags = {}
+    set_device = paddle.set_device
+    monkeypatch.setattr(paddle, "set_device", lambda device: set_device("cpu"))
+    monkeypatch.setattr(paddle, "set_flags", flags.update)
+    cuda = paddle.device.cuda
+    monkeypatch.setattr(paddle.device, "is_compiled_with_cuda", lambda: True)
+    monkeypatch.setattr(cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(cuda, "max_memory_allocated", lambda: 3 * 2 ** 30)
+    monkeypatch.setattr(cuda, "get_device_properties", lambda _: SimpleNamespace(name="Fake", total_memory=2 ** 34))
+    return flags
+
+
+def test_gpu_branches(fake_gpu, root):
+    options = RunOptions(**{**load_task_config(DEMO_TASK), "dataroot": str(root), "amp": "fp16"})
+    check = SelfCheck(options, quick=True, gpus=0, out=lambda *a: None)
+    assert check.gpu and check.gpus == 1
+    assert check.check_paddle()[1].endswith("1 x Fake, 16.0 GiB; training on 1")
+    status, detail = check.check_parity()
+    assert status == "PASS" and "gpu vs cpu 0.0e+00" in detail
+    status, detail = check.check_step()
+    assert status == "INFO" and detail.count("peak 3.0 GiB") == 2  # --amp fp16, then off
+    assert "amp fp16: micro-batch 32" in detail and "--gradient_accumulation_steps 1 fits" in detail
+    assert check.check_repeatable()[0] == "PASS"
+    assert fake_gpu == {"FLAGS_cudnn_deterministic": True, "FLAGS_embedding_deterministic": 1}
+
+
+def test_a_micro_batch_that_runs_out_of_memory_is_halved_until_it_fits(monkeypatch):
+    import vilbert.selfcheck as module
+
+    def steps(model, optimizer, batch, amp, count):
+        if batch["input_ids"].shape[0] > 8:
+            raise MemoryError("Out of memory error on GPU 0")
+    monkeypatch.setattr(module, "train_steps", steps)
+    monkeypatch.setattr(module, "synthetic_batch", lambda config, size: {"input_ids": paddle.zeros([size, 2])})
+    optimizer = SimpleNamespace(clear_grad=lambda: None)
+    fitted, _, _ = module.fit_micro_batch(SimpleNamespace(config=None), optimizer, 64, "off", gpu=False)
+    assert fitted == 8
