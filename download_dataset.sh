@@ -224,7 +224,8 @@ for relative, what in ENTRIES:
 if problems:
     default_root = "data/referExpression" if dataset == "refcoco+" else "datasets/refcoco"
     where = "" if os.path.abspath(root) == os.path.abspath(default_root) else f" --dataroot {root}"
-    print(f"{problems} of {len(ENTRIES)} missing or unreadable: run `bash download_dataset.sh --dataset {dataset}{where}`")
+    print(f"{problems} of {len(ENTRIES)} missing or unreadable: run "
+          f"`bash download_dataset.sh --dataset {dataset}{where}`")
     sys.exit(1)
 print("All files present and readable.")
 PY

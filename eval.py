@@ -50,9 +50,8 @@ def main(argv=None):
     setup_device(options)
     options = localize_paths(options)
     splits = list(DATASETS[options.dataset].eval_splits) if args.split == "all" else [args.split]
-    if options.splitBy == DATASETS[options.dataset].splitBy:  # other split schemes have other split names
-        for split in splits:
-            check_split(options.dataset, split)
+    for split in splits:
+        check_split(options.dataset, split, options.splitBy)
     tokenizer = BertTokenizer(options.bert_model)
     model = build_model(options, options.from_pretrained)
     checkpoint = Path(options.from_pretrained)

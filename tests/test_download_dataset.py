@@ -149,7 +149,8 @@ def refcocog_root(tmp_path_factory):
 def test_check_audits_the_layout_of_each_dataset(refcocog_root, tmp_path):
     result = run("--check", "--dataset", "refcocog", "--dataroot", str(refcocog_root))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "refcocog, umd splits: train, val, test" in result.stdout and "All files present and readable." in result.stdout
+    assert "refcocog, umd splits: train, val, test" in result.stdout
+    assert "All files present and readable." in result.stdout
     assert "refcocog_umd/refcocog_resnext152_faster_rcnn_genome.lmdb/" in result.stdout
     assert "multi_task_model.bin" in result.stdout and "config/refcocog.yml" in result.stdout
     empty = run("--check", "--dataset", "refcoco", "--dataroot", str(tmp_path))
@@ -172,7 +173,8 @@ def test_refcocog_comes_from_the_12in1_archive_and_only_it_is_extracted(mirror, 
     size = (served / "datasets.tar.gz").stat().st_size
     assert "exist only in 12-in-1's datasets.tar.gz" in result.stdout and f"({size} bytes" in result.stdout
     assert sorted(p.name for p in target.iterdir()) == ["datasets.tar.gz", "refcocog", "refcocog_umd"]
-    assert (target / "refcocog" / "refs(umd).p").read_bytes() == (refcocog_root / "refcocog" / "refs(umd).p").read_bytes()
+    refs = Path("refcocog", "refs(umd).p")
+    assert (target / refs).read_bytes() == (refcocog_root / refs).read_bytes()
     assert "All files present and readable." in result.stdout
     again = run("--dataset", "refcocog", "--dataroot", str(target), "--mirror", url)
     assert again.returncode == 0 and "datasets.tar.gz: already downloaded, skipped" in again.stdout

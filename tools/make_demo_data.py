@@ -27,7 +27,8 @@ def main(argv=None) -> None:
     parser.add_argument("--num_val_images", type=int, default=150)
     parser.add_argument("--num_test_images", type=int, default=60, help="per test split (testA, testB; test)")
     args = parser.parse_args(argv)
-    root = make_demo_dataset(args.out, dataset=args.dataset, seed=args.seed, layout=args.layout, num_train_images=args.num_train_images,
+    root = make_demo_dataset(args.out, dataset=args.dataset, seed=args.seed, layout=args.layout,
+                             num_train_images=args.num_train_images,
                              num_val_images=args.num_val_images, num_test_images=args.num_test_images)
     spec = DATASETS[args.dataset]
     refer = REFER(root, spec.name, spec.splitBy)

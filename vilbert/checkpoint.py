@@ -231,7 +231,8 @@ def read_training_state(path) -> dict:
         raise FileNotFoundError(f"checkpoint {path} not found")
     with open(path, "rb") as f:
         state = _plain_tree(_load(_RestrictedUnpickler(f, path), path), path)
-    missing = [key for key in ("model", "optimizer", "epoch", "best") if not isinstance(state, dict) or key not in state]
+    missing = [key for key in ("model", "optimizer", "epoch", "best")
+               if not isinstance(state, dict) or key not in state]
     if missing:
         raise CheckpointError(f"{path}: not a resumable checkpoint of train.py (no {', '.join(missing)}); resume "
                               "from a run's last.pdparams, or start the run with --from_pretrained")

@@ -82,10 +82,10 @@ class RunOptions:
             problems.append(f"dataset={self.dataset!r} must be one of {', '.join(DATASETS)}")
         elif self.splitBy not in SPLITS_BY[self.dataset]:
             problems.append(f"splitBy={self.splitBy!r}: {self.dataset} has {' or '.join(SPLITS_BY[self.dataset])}")
-        elif self.splitBy == DATASETS[self.dataset].splitBy:  # other split schemes have other split names
+        else:
             for name in ("train_split", "val_split"):
                 try:
-                    check_split(self.dataset, getattr(self, name))
+                    check_split(self.dataset, getattr(self, name), self.splitBy)
                 except UnknownSplitError as error:
                     problems.append(f"{name}: {error}")
         if self.amp not in ("off", "bf16", "fp16"):

@@ -53,9 +53,15 @@ def feature_files(dataset: str, family: str) -> Tuple[str, str]:
     return tuple(pattern.format(name=spec.name, splitBy=spec.splitBy) for pattern in FEATURE_FILES[family])
 
 
-def check_split(dataset: str, split: str) -> None:
-    """Raises UnknownSplitError naming the splits `dataset` has, unless `split` is one of them."""
+def check_split(dataset: str, split: str, splitBy: str = "") -> None:
+    """Raises UnknownSplitError naming the splits `dataset` has, unless `split` is one of them.
+
+    Only the split scheme of the table is checked: another one (RefCOCO's google) has other split names, which
+    the dataset checks against its refs file when it reads them.
+    """
     spec = DATASETS[dataset]
+    if splitBy and splitBy != spec.splitBy:
+        return
     if split not in spec.splits:
         raise UnknownSplitError(f"{dataset} ({spec.splitBy}) has no split {split!r}; its splits are "
                                 f"{', '.join(spec.splits)}")

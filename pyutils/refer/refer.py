@@ -48,7 +48,8 @@ class AnnotationError(ValueError):
 def _fix(path, dataset):
     """The fix of a damaged annotation file: its download and its data root's audit."""
     where = f"--dataset {dataset} --dataroot {osp.dirname(osp.dirname(osp.abspath(path)))}"
-    return f"re-download it (`bash download_dataset.sh {where}`), or audit the data root (`... --check {where}`)"
+    return (f"re-download it (`bash download_dataset.sh {where}`), or audit the data root "
+            f"(`bash download_dataset.sh --check {where}`)")
 
 
 def _looks_like_html(data: bytes) -> bool:
