@@ -15,7 +15,8 @@
 # downstream datasets; it is downloaded once (its size is printed first), kept for the other datasets, and
 # only the dataset asked for is extracted. Interrupted downloads resume (FILE.part), an HTML page served
 # instead of a file is refused, and every file is opened at the end to confirm it reads. The pretrained
-# checkpoints are on Google Drive, which cannot be scripted reliably: their links are printed at the end.
+# checkpoints are printed at the end, not fetched: vilbert_beta's are on Google Drive, which cannot be scripted
+# reliably; 12-in-1's are direct links.
 set -euo pipefail
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -38,7 +39,7 @@ FILES=(
   "refcoco+_gt_resnet101_faster_rcnn_genome.lmdb/lock.mdb|AAALVeDoHRomCu-AsyUwnM4Fa/refcoco%2B_gt_resnet101_faster_rcnn_genome.lmdb/lock.mdb"
 )
 
-usage() { sed -n '2,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,19p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 die() { echo "ERROR: $*" >&2; exit 1; }
 
 while [ $# -gt 0 ]; do
@@ -299,7 +300,7 @@ download_12in1() {
   if [ -n "$bytes" ]; then
     echo "  size: $(awk -v n="$bytes" 'BEGIN { printf "%.1f GB", n / 2^30 }') ($bytes bytes, as the server reports it)"
   else
-    echo "  size: not reported by the server"
+    echo "  size: unknown (no Content-Length from the server, or no answer)"
   fi
   echo "  It is kept as $tarball for the other datasets; only $DATASET is extracted from it."
   mkdir -p "$DATA_ROOT"
