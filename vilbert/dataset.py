@@ -25,7 +25,7 @@ from typing import Dict, List
 import numpy as np
 import paddle
 
-from pyutils.refer import REFER
+from pyutils.refer import REFER, AnnotationError
 
 from .features import FeatureReader
 from .fileio import atomic_path
@@ -195,8 +195,9 @@ class ReferExpressionDataset(paddle.io.Dataset):
             for sent, sent_id in zip(ref["sentences"], ref["sent_ids"]):
                 rows.append((sent["raw"], sent_id, ref["ref_id"], ref["image_id"], ref_box))
         if not rows:
-            raise ValueError(f"split {self.split!r} of {self.dataset} ({self.splitBy}) in {self.dataroot} holds no "
-                             f"referring expressions")
+            present = ", ".join(dict.fromkeys(ref["split"] for ref in refer.data["refs"]))
+            raise AnnotationError(f"split {self.split!r} of {self.dataset} ({self.splitBy}) in {self.dataroot} holds "
+                                  f"no referring expressions; the splits there are {present}")
         tokens = [tokenize_expression(tokenizer, row[0], self.max_seq_length, self.tokenization) for row in rows]
         input_ids = np.full((len(rows), self.max_seq_length), tokenizer.pad_token_id, np.int64)
         for i, ids in enumerate(tokens):

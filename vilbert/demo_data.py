@@ -1,4 +1,5 @@
-"""A small generated RefCOCO+ in the official on-disk layout, for the demo, the tests and the benchmarks.
+"""A small generated RefCOCO+ (or RefCOCO, RefCOCOg) in the official on-disk layout, for the demo, the tests and
+the benchmarks.
 
 Every file is in the format the official code reads, so the whole pipeline runs on it unchanged
 (`bash download_dataset.sh --check --dataroot ROOT` audits it like the real data):
@@ -8,6 +9,9 @@ Every file is in the format the official code reads, so the whole pipeline runs 
     <root>/refcoco+_resnet101_faster_rcnn_genome.lmdb/        detected boxes and their features
     <root>/refcoco+_gt_resnet101_faster_rcnn_genome.lmdb/     the referred objects' boxes and features
 
+`dataset='refcoco'` or `'refcocog'` writes that dataset's files instead (`refcocog/refs(umd).p`,
+`refcocog_resnet101_faster_rcnn_genome.lmdb`, ...: vilbert_beta's naming), so all three can share one root.
+
 `layout='beta'` writes the LMDB records of vilbert_beta (str fields, base64 float32 arrays, with `cls_prob`);
 `layout='mt'` those of vilbert-multi-task (ints, float32 numpy arrays). The paths are the same for both.
 
@@ -15,8 +19,9 @@ The task is learnable by a small model trained from scratch: each image holds 4-
 a kind; an expression names what singles its object out (usually colour and kind, as other objects share
 one of them); a region's feature vector carries its object's colour and kind as scaled one-hot blocks plus
 noise. Detections are the objects' boxes jittered (IoU > 0.5 with their object) plus unrelated boxes, so the
-best possible accuracy is 100% and chance is about 1 / number of boxes. Splits follow RefCOCO+: train, val,
-testA (people are referred to) and testB (other objects are), with disjoint images. Image ids are >= 600000,
+best possible accuracy is 100% and chance is about 1 / number of boxes. Splits are the dataset's, with disjoint
+images: train, val, testA (people are referred to) and testB (other objects are); RefCOCOg (umd): train, val
+and test (any object). Image ids are >= 600000,
 outside COCO train2014, so no real image is mistaken for a generated one.
 """
 
@@ -34,11 +39,9 @@ import numpy as np
 
 from .dataset import iou_plus_one
 from .fileio import atomic_write
+from .refer_datasets import DATASETS, feature_files
 
-DATASET_DIR = "refcoco+"
-REFS_FILE = "refs(unc).p"
-DETECTED_LMDB = "refcoco+_resnet101_faster_rcnn_genome.lmdb"
-GT_LMDB = "refcoco+_gt_resnet101_faster_rcnn_genome.lmdb"
+DETECTED_LMDB, GT_LMDB = feature_files("refcoco+", "beta")  # the default dataset's
 LAYOUTS = ("beta", "mt")
 
 
@@ -81,31 +84,37 @@ FIRST_IMAGE_ID = 600_000  # COCO train2014 ids end at 581929
 FIRST_ANN_ID = 3_000_000
 
 
-def make_demo_dataset(root, *, seed: int = 0, layout: str = "beta", num_train_images: int = 600,
-                      num_val_images: int = 150, num_test_images: int = 60, max_detections: int = 0) -> Path:
-    """Write the generated data root (deterministic in `seed`) and return its path.
+def make_demo_dataset(root, *, dataset: str = "refcoco+", seed: int = 0, layout: str = "beta",
+                      num_train_images: int = 600, num_val_images: int = 150, num_test_images: int = 60,
+                      max_detections: int = 0) -> Path:
+    """Write the generated data of `dataset` into the root (deterministic in `seed`) and return its path.
 
-    num_test_images is per test split (testA and testB each). refs(unc).p is written last, so its presence
-    means the root is complete. A few seconds for the default size (~870 images, ~180 MB in beta layout).
-    max_detections > 0 adds background boxes anywhere in the image, up to a count drawn uniformly from [the
-    image's own count, max_detections], as real detectors return up to 100 (RefCOCO+-sized data for benchmarks:
-    20,000 images at max_detections=100 are about 24 GB in beta layout). Records are written as they are made,
-    so memory stays small at any size.
+    num_test_images is per test split (testA and testB each; RefCOCOg's test). The refs file is written last,
+    so its presence means the dataset is complete. A few seconds for the default size (~870 images, ~180 MB
+    in beta layout). max_detections > 0 adds background boxes anywhere in the image, up to a count drawn
+    uniformly from [the image's own count, max_detections], as real detectors return up to 100 (RefCOCO+-sized
+    data for benchmarks: 20,000 images at max_detections=100 are about 24 GB in beta layout). Records are
+    written as they are made, so memory stays small at any size.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r} must be one of {LAYOUTS}")
+    if dataset not in DATASETS:
+        raise ValueError(f"dataset={dataset!r} must be one of {', '.join(DATASETS)}")
     if num_train_images < 1 or num_val_images < 0 or num_test_images < 0:
         raise ValueError("need num_train_images >= 1 and num_val_images, num_test_images >= 0")
     root = Path(root)
     rng = np.random.default_rng(seed)
+    spec = DATASETS[dataset]
+    test_splits = [split for split in spec.splits if split not in ("train", "val")]
     splits = (["train"] * num_train_images + ["val"] * num_val_images
-              + ["testA"] * num_test_images + ["testB"] * num_test_images)
+              + [split for split in test_splits for _ in range(num_test_images)])
     splits = [splits[i] for i in rng.permutation(len(splits))]  # interleaved, as in the real refs file
     image_ids = FIRST_IMAGE_ID + np.sort(rng.choice(400_000, size=len(splits), replace=False))
 
     images, annotations, refs = [], [], []
     num_sentences = 0
-    with _lmdb_writer(root / DETECTED_LMDB) as put_detected, _lmdb_writer(root / GT_LMDB) as put_gt:
+    detected_lmdb, gt_lmdb = feature_files(dataset, "beta")
+    with _lmdb_writer(root / detected_lmdb) as put_detected, _lmdb_writer(root / gt_lmdb) as put_gt:
         for image_id, split in zip(image_ids.tolist(), splits):
             width, height = IMAGE_SIZES[rng.integers(len(IMAGE_SIZES))]
             colours, kinds, boxes, referents, free_cells = _scene(rng, split, width, height)
@@ -129,10 +138,10 @@ def make_demo_dataset(root, *, seed: int = 0, layout: str = "beta", num_train_im
             put_gt(key, _record(rng, image_id, width, height, [_xyxy(boxes[i]) for i in referents],
                                 [colours[i] for i in referents], [kinds[i] for i in referents], layout))
 
-    data_dir = root / DATASET_DIR
+    data_dir = root / dataset
     data_dir.mkdir(parents=True, exist_ok=True)
     instances = {
-        "info": {"description": "ViLBERT-Paddle generated RefCOCO+-format demo data", "version": "1.0",
+        "info": {"description": f"ViLBERT-Paddle generated {dataset}-format demo data", "version": "1.0",
                  "year": 2024, "contributor": "vilbert/demo_data.py", "date_created": "2024-01-01",
                  "seed": seed},
         "images": images,
@@ -142,7 +151,7 @@ def make_demo_dataset(root, *, seed: int = 0, layout: str = "beta", num_train_im
                        for cid, name, sup in sorted({(k.category_id, k.category, k.supercategory) for k in KINDS})],
     }
     atomic_write(data_dir / "instances.json", json.dumps(instances).encode())
-    atomic_write(data_dir / REFS_FILE, pickle.dumps(refs, protocol=2))
+    atomic_write(data_dir / f"refs({spec.splitBy}).p", pickle.dumps(refs, protocol=2))
     return root
 
 

@@ -15,7 +15,10 @@ from typing import List
 
 import yaml
 
+from pyutils.refer.refer import SPLITS_BY
+
 from .config import has_type, type_name
+from .refer_datasets import DATASETS, UnknownSplitError, check_split, follow_dataset
 from .tokenization import TOKENIZATIONS
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -32,7 +35,7 @@ class RunOptions:
     """Everything a run needs besides the model's own JSON config (`config_file`)."""
 
     # data (paths relative to `dataroot` unless absolute)
-    dataset: str = "refcoco+"
+    dataset: str = "refcoco+"  # refcoco, refcoco+ or refcocog: the options it implies follow --dataset
     splitBy: str = "unc"
     dataroot: str = "data/referExpression"
     features_h5path1: str = "refcoco+_resnet101_faster_rcnn_genome.lmdb"  # detected boxes
@@ -80,6 +83,16 @@ class RunOptions:
 
     def validate(self) -> None:
         problems = []
+        if self.dataset not in DATASETS:
+            problems.append(f"dataset={self.dataset!r} must be one of {', '.join(DATASETS)}")
+        elif self.splitBy not in SPLITS_BY[self.dataset]:
+            problems.append(f"splitBy={self.splitBy!r}: {self.dataset} has {' or '.join(SPLITS_BY[self.dataset])}")
+        else:
+            for name in ("train_split", "val_split"):
+                try:
+                    check_split(self.dataset, getattr(self, name), self.splitBy)
+                except UnknownSplitError as error:
+                    problems.append(f"{name}: {error}")
         if self.amp not in ("off", "bf16", "fp16"):
             problems.append(f"amp={self.amp!r} must be off, bf16 or fp16")
         if self.tokenization not in TOKENIZATIONS:
@@ -164,6 +177,8 @@ def parse_options(parser: argparse.ArgumentParser, argv=None, config_beside_chec
         if beside.exists():
             task_config = beside
     values = load_task_config(task_config)
+    if args.dataset is not None:  # what follows from the dataset follows it, unless given as a flag too
+        values.update(follow_dataset(dataclasses.asdict(RunOptions(**values)), args.dataset))
     for f in dataclasses.fields(RunOptions):
         if getattr(args, f.name) is not None:
             values[f.name] = getattr(args, f.name)

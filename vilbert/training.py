@@ -20,7 +20,9 @@ import numpy as np
 import paddle
 import paddle.distributed as dist
 
-from .checkpoint import CheckpointError, load_pretrained, save_checkpoint
+from pyutils.refer import AnnotationError
+
+from .checkpoint import CheckpointError, load_pretrained, read_training_state, save_checkpoint
 from .config import ConfigError, ViLBertConfig
 from .dataset import ReferExpressionDataset
 from .engine import EpochBatchSampler, NonFiniteLossError, evaluate, train_one_epoch
@@ -30,6 +32,7 @@ from .loader import BatchLoader
 from .model import VILBertForVLTasks, ViLBertOutput
 from .optimization import BertAdam, build_param_groups, describe_param_groups
 from .options import OptionsError, RunOptions, resolve_device
+from .refer_datasets import UnknownSplitError
 from .storage import localize
 from .tokenization import BertTokenizer
 
@@ -41,7 +44,7 @@ class OutOfMemoryError(MemoryError):
 # What the user can fix (paths, downloads, configs, flags, checkpoints, a diverging or too large run): the
 # entry scripts report these as one line instead of a traceback.
 USER_ERRORS = (FileNotFoundError, PermissionError, OptionsError, ConfigError, CheckpointError, FeaturesError,
-               ImageNotInFeatures, NonFiniteLossError, OutOfMemoryError)
+               ImageNotInFeatures, NonFiniteLossError, OutOfMemoryError, AnnotationError, UnknownSplitError)
 
 
 @contextlib.contextmanager
@@ -195,7 +198,7 @@ def fit(options: RunOptions) -> dict:
     scaler = build_grad_scaler(options.amp)  # weights stay fp32 under O1 autocast
     start_epoch, best = 0, {"val_accuracy": -1.0, "epoch": -1}
     if resume_path:
-        state = paddle.load(str(resume_path))
+        state = read_training_state(resume_path)
         model.set_state_dict(state["model"])
         optimizer.set_state_dict(state["optimizer"])
         if scaler and state.get("scaler"):
