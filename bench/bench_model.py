@@ -1,6 +1,7 @@
 """One RefCOCO+ training step at the full config, ours (Paddle) against the official PyTorch model, on this CPU.
 
     python bench/bench_model.py [--beta_src DIR] [--threads 2] [--batch 8] [--rounds 3] [--warmup 1] [--steps 2]
+                                [--no_avx512]
 
 Both sides train ``config/bert_base_6layer_6conect.json`` from random init on the same batch (``--batch`` x 20
 tokens x 100 regions, some padding), in train mode, with the REC loss on ``vision_logit`` and beta's optimizer
@@ -17,6 +18,9 @@ both sides alike.
 Prints per side the median over the timed steps of forward (incl. the loss), backward, optimizer step + gradient
 reset, their sum, the CPU time of a step, samples/s and peak RSS; then ours/official (target: <= 0.8).
 Only float32: Paddle 3.3.1's CPU build has no bfloat16 matmul kernel and its autocast does nothing on CPU.
+The first line printed gives the CPU and its vector extensions. ``--no_avx512`` hides AVX-512 from NumPy (our
+optimizer), PyTorch's kernels, MKL and oneDNN on both sides, to come near a host without it; Paddle's own
+generated kernels (its fused ``adamw_`` among them, which this project no longer uses) still see it.
 """
 import argparse
 import json
@@ -36,6 +40,11 @@ sys.path.insert(0, str(REPO))
 CONFIG = REPO / "config/bert_base_6layer_6conect.json"
 NUM_TOKENS, NUM_REGIONS = 20, 100
 SIDES = ("official", "ours")
+# What --no_avx512 sets: NumPy's names for its AVX-512 targets (1.x/2.3 and 2.4 spellings; unknown ones are
+# ignored), then PyTorch's, MKL's and oneDNN's instruction-set caps.
+NO_AVX512 = {"NPY_DISABLE_CPU_FEATURES": "X86_V4 AVX512F AVX512CD AVX512_SKX AVX512_CLX AVX512_CNL AVX512_ICL "
+                                         "AVX512_SPR",
+             "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 
 def make_batch(batch, seed=0):
@@ -143,7 +152,8 @@ def bench_ours(args):
 
 
 def start(side, args, beta_src):
-    env = dict(os.environ, MKL_NUM_THREADS=str(args.threads), MKL_DEBUG_CPU_TYPE="5")
+    env = dict(os.environ, MKL_NUM_THREADS=str(args.threads), MKL_DEBUG_CPU_TYPE="5",
+               **(NO_AVX512 if args.no_avx512 else {}))
     if side == "official":
         env["OMP_NUM_THREADS"] = str(args.threads)  # ours sets Paddle's OpenMP threads from MKL_NUM_THREADS
     command = [sys.executable, __file__, "--side", side, "--beta_src", str(beta_src), "--threads", str(args.threads),
@@ -161,6 +171,22 @@ def ask(process, command):
     return json.loads(answer)
 
 
+def describe_cpu(no_avx512):
+    """The CPU model and which vector extensions it has (Linux /proc/cpuinfo), and whether AVX-512 was hidden."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "CPU: unknown (no /proc/cpuinfo)"
+    fields = {}
+    for line in info.splitlines():  # the first processor's entries
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    flags = set(fields.get("flags", "").split())
+    vector = [flag for flag in ("avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl") if flag in flags]
+    hidden = "; AVX-512 hidden from NumPy, PyTorch, MKL and oneDNN (--no_avx512)" if no_avx512 else ""
+    return f"CPU: {fields.get('model name', '?')}, {os.cpu_count()} CPUs, {' '.join(vector)}{hidden}"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--beta_src", help="checkout of jiasenlu/vilbert_beta (cloned if not given)")
@@ -169,6 +195,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=3, help="turns each side takes")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps at the start of each turn")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per turn")
+    parser.add_argument("--no_avx512", action="store_true", help="hide AVX-512 from NumPy, PyTorch, MKL, oneDNN")
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # set on the child processes
     args = parser.parse_args()
     if args.side:
@@ -192,6 +219,7 @@ def main():
             results[side]["step"] = sum(results[side][key] for key in ("forward", "backward", "optimizer"))
             results[side].update(ask(process, "quit"))
             process.wait()
+    print(describe_cpu(args.no_avx512))
     print(f"one training step, batch {args.batch} x {NUM_TOKENS} tokens x {NUM_REGIONS} regions, {args.threads} "
           f"threads, median of {args.rounds} x {args.steps} timed steps, the sides taking turns; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (above the thread count, other processes "

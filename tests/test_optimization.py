@@ -9,6 +9,7 @@ import numpy as np
 import paddle
 import pytest
 
+from vilbert import optimization
 from vilbert.optimization import BertAdam, build_param_groups, describe_param_groups, lr_at
 
 REFERENCE = Path(__file__).parent / 'data' / 'bertadam_reference.npz'
@@ -125,27 +126,78 @@ def test_groups_match_the_official_per_tensor_groups(ref):
     assert [got[name] for name in names] == list(zip(ref['group_lr'].tolist(), ref['group_weight_decay'].tolist()))
 
 
-def test_bertadam_matches_official_beta_bertadam(ref):
+def _replay(ref):
+    """Our BertAdam over the whole recorded run -> (optimizer, names, params, max |ours - official| per tensor)."""
     names, params, _, optimizer = _setup(ref)
     assert optimizer.get_lr() == 0.0
+    worst = np.zeros(len(names))
     for step in range(len(ref['show_lr'])):
         _apply(ref, params, optimizer, step)
         assert optimizer.get_lr() == pytest.approx(float(ref['show_lr'][step]), rel=1e-12, abs=0), step
         for i, param in enumerate(params):
-            np.testing.assert_allclose(param.numpy(), ref[f'after_{i}'][step], rtol=0, atol=1e-6,
-                                       err_msg=f'{names[i]} after step {step}')
-    saved = optimizer.state_dict()
-    state, (scale1, scale2) = saved['state'], saved['moment_scales']
-    assert scale2 == pytest.approx((1 - float(np.float32(0.999))) / 0.001, rel=1e-12)  # kernel: 1 - 0.999f
+            worst[i] = max(worst[i], np.abs(param.numpy() - ref[f'after_{i}'][step]).max())
+    return optimizer, names, params, worst
+
+
+def test_reference_spans_beta_schedule(ref):
+    """The record covers warm-up, its end and both milestones at beta's learning rates (issue 11)."""
+    rates = ref['show_lr']
+    epochs = np.arange(len(rates)) // int(ref['steps_per_epoch'])
+    assert len(rates) >= 100 and rates[0] == 0.0 and float(ref['base_lr']) == 4e-5
+    assert {round(float(rate), 15) for rate in rates[epochs < 12][-6:]} == {4e-5}  # warm-up over before epoch 12
+    assert set(np.round(rates[(epochs >= 12) & (epochs < 16)], 15)) == {4e-6}
+    assert set(np.round(rates[epochs >= 16], 15)) == {4e-7}
+
+
+def test_bertadam_matches_official_beta_bertadam(ref):
+    optimizer, names, params, worst = _replay(ref)
+    decayed = np.asarray(ref['group_weight_decay']) > 0
+    print(f"max |ours - beta| over {len(ref['show_lr'])} steps: decayed tensors {worst[decayed].max():.2e}, "
+          f"others {worst[~decayed].max():.2e}")
+    for name, diff in zip(names, worst):
+        assert diff <= 1e-7, f'{name} drifted {diff:.2e} from beta'  # issue 11 asks <= 1e-6
+    state = optimizer.state_dict()['state']
     for i, name in enumerate(names):
         if int(ref[f'step_{i}']) == 0:
             assert name not in state and np.array_equal(params[i].numpy(), ref[f'init_{i}'])  # never had a grad
             continue
         assert state[name]['step'] == int(ref[f'step_{i}'])
-        for moment, scale, official in (('moment1', scale1, 'next_m'), ('moment2', scale2, 'next_v')):
+        for moment, official in (('moment1', 'next_m'), ('moment2', 'next_v')):
             expected = ref[f'{official}_{i}']  # float32 noise relative to the tensor's largest entry
-            np.testing.assert_allclose(state[name][moment].numpy() / scale, expected, rtol=0,
+            np.testing.assert_allclose(state[name][moment].numpy(), expected, rtol=0,
                                        atol=1e-6 * np.abs(expected).max(), err_msg=f'{moment} of {name}')
+
+
+def test_the_device_update_equals_the_host_update(ref, monkeypatch):
+    """Off the CPU the update runs as Paddle kernels (``update_tensors``); forced here, it gives the same bits."""
+    _, _, host_params, _ = _replay(ref)
+    monkeypatch.setattr(optimization, 'runs_on_host', lambda tensor: False)
+    _, _, device_params, _ = _replay(ref)
+    for host, device in zip(host_params, device_params):
+        np.testing.assert_array_equal(device.numpy(), host.numpy())
+
+
+def test_result_does_not_depend_on_the_thread_count(monkeypatch):
+    """Tensors of several pieces, updated on 1 and on 3 threads: bit-identical (resume relies on it)."""
+    rng = np.random.default_rng(0)
+    init = [rng.standard_normal(shape).astype(np.float32) for shape in [(3 * optimization._PIECE + 5,), (7, 3)]]
+    grads = [[rng.standard_normal(value.shape).astype(np.float32) * 1e-3 for value in init] for _ in range(3)]
+    results = []
+    for threads in (1, 3):
+        monkeypatch.setattr(optimization.runtime, 'cpu_threads', lambda threads=threads: threads)
+        named = [(f'bert.{i}.bias', paddle.create_parameter(list(value.shape), 'float32')) for i, value in
+                 enumerate(init)]
+        for (_, param), value in zip(named, init):
+            param.set_value(value)
+        optimizer = BertAdam(build_param_groups(named, base_lr=1e-3, head_lr=1e-3), t_total=3, warmup=0.0)
+        for step_grads in grads:
+            sum((param * paddle.to_tensor(grad)).sum() for (_, param), grad in zip(named, step_grads)).backward()
+            optimizer.step()
+            optimizer.clear_grad()
+        results.append([param.numpy() for _, param in named])
+    for one, three in zip(*results):
+        np.testing.assert_array_equal(one, three)
+    assert not np.array_equal(results[0][0], init[0])
 
 
 def test_state_dict_round_trip_resumes_exactly(ref, tmp_path):
@@ -180,8 +232,23 @@ def test_set_state_dict_rejects_foreign_state(ref):
     bad = {**state['state'][name], 'moment1': paddle.zeros([3, 3, 3])}
     with pytest.raises(ValueError, match='shape'):
         optimizer.set_state_dict({**state, 'state': {**state['state'], name: bad}})
-    with pytest.raises(ValueError, match='same betas'):
-        optimizer.set_state_dict({**state, 'moment_scales': [1.0, 1.0]})
+
+
+def test_set_state_dict_reads_the_scaled_moments_of_earlier_versions(ref):
+    """Before issue 11 the fused kernel kept beta's moments times (1 - float32(beta)) / (1 - beta), saved with
+    those factors as ``moment_scales``: a resume from such a state continues with beta's moments."""
+    _, params, _, optimizer = _setup(ref)
+    _apply(ref, params, optimizer, 0)
+    state = optimizer.state_dict()
+    scales = [(1 - float(np.float32(beta))) / (1 - beta) for beta in (0.9, 0.999)]
+    old = {**state, 'moment_scales': scales,
+           'state': {name: {**entry, **{key: entry[key].numpy() * scale for key, scale in
+                                        zip(('moment1', 'moment2'), scales)}} for name, entry in state['state'].items()}}
+    _, _, _, resumed = _setup(ref)
+    resumed.set_state_dict(old)
+    for name, entry in resumed.state_dict()['state'].items():
+        for key in ('moment1', 'moment2'):
+            np.testing.assert_allclose(entry[key].numpy(), state['state'][name][key].numpy(), rtol=1e-6)
 
 
 def test_clipping_is_per_tensor_and_leaves_small_gradients_alone():

@@ -6,7 +6,8 @@ Writes ``tests/data/bertadam_reference.npz``, which ``tests/test_optimization.py
 ``BertAdam`` without torch. The official ``vilbert/optimization.py`` is read from the beta git mirror at run time
 and imported under its own module name (it would clash with our ``vilbert`` package). Groups are built exactly as
 beta's ``train_tasks.py`` builds them (one group per tensor, substring rules), the LambdaLR is beta's
-``lr_lambda_fun`` on a short run, and the gradients cover: decay / no decay / head lr, clipped and unclipped
+``lr_lambda_fun`` over beta's whole RefCOCO+ schedule at its learning rates (120 steps in 20 epochs: warm-up and
+both milestones), and the gradients cover: decay / no decay / head lr, clipped and unclipped
 tensors, a tensor that never gets a gradient and one whose gradients start mid-warmup.
 """
 import argparse
@@ -33,8 +34,9 @@ PARAMS = [
     ('vision_logit.weight', (6, 1), 0, 1.0),
     ('cls.predictions.bias', (10,), None, 1.0),
 ]
-HYPER = dict(base_lr=1e-2, head_lr=3e-2, weight_decay=0.01, warmup=0.3, steps_per_epoch=4, epochs=5,
-             milestones=(2, 4), gamma=0.1)
+# beta's RefCOCO+ recipe over 20 epochs of 6 steps: warm-up ends at step 12, the milestones fall at steps 72 and 96
+HYPER = dict(base_lr=4e-5, head_lr=1e-4, weight_decay=0.01, warmup=0.1, steps_per_epoch=6, epochs=20,
+             milestones=(12, 16), gamma=0.1)
 
 
 def load_beta_optimization(git_dir, workdir):
@@ -59,7 +61,9 @@ def main():
     rng = np.random.default_rng(0)
     h = HYPER
     steps = h['steps_per_epoch'] * h['epochs']
-    init = [rng.standard_normal(shape).astype(np.float32) for _, shape, _, _ in PARAMS]
+    # LayerNorm weights start near 1, as trained ones are: there float32 steps are 6e-8 apart, coarser than lr*wd
+    init = [(1 + 0.05 * rng.standard_normal(shape) if 'LayerNorm' in name and name.endswith('weight')
+             else rng.standard_normal(shape)).astype(np.float32) for name, shape, _, _ in PARAMS]
     # per step, per tensor: a gradient whose scale wanders over two decades so some steps clip and some do not
     grads = [[(rng.standard_normal(shape) * scale * 10 ** rng.uniform(-1, 1)).astype(np.float32)
               if start is not None and step >= start else None for _, shape, start, scale in PARAMS]

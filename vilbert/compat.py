@@ -2,7 +2,7 @@
 
 `pip install paddlepaddle-gpu` gives 2.6.2 (the newest GPU wheel on PyPI); 3.x GPU wheels come from Paddle's own
 index, so users have both. Each shim below names the versions it is for and goes when they are dropped. The
-facts were read from the wheels' own sources (paddle/optimizer/adamw.py, paddle/amp/auto_cast.py).
+facts were read from the wheels' own sources (paddle/amp/auto_cast.py).
 """
 
 import functools
@@ -55,20 +55,3 @@ def is_autocast_enabled() -> bool:
 
     tracer = framework._dygraph_tracer()
     return bool(tracer) and tracer._amp_level != core.AmpLevel.O0
-
-
-def adamw_(param, grad, lr, moment1, moment2, beta1_pow, beta2_pow, *, beta1, beta2, epsilon, coeff,
-           use_global_beta_pow) -> None:
-    """Paddle's fused, in-place AdamW kernel on one float32 tensor (lr ratio 1, no lazy mode, no master weight).
-
-    3.0 added a `moment2_max` input and an `amsgrad` attribute; 2.6 has neither.
-    """
-    from paddle import _C_ops
-
-    head = (param, grad, lr, moment1, moment2)
-    tail = (beta1_pow, beta2_pow, None, None, beta1, beta2, epsilon, 1.0, coeff, coeff > 0, False, 1000, False,
-            use_global_beta_pow)
-    if paddle_version() >= (3, 0):
-        _C_ops.adamw_(*head, None, *tail, False)
-    else:
-        _C_ops.adamw_(*head, *tail)

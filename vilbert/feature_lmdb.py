@@ -105,70 +105,102 @@ def _b64(array: np.ndarray) -> str:
     return base64.b64encode(np.ascontiguousarray(array, np.float32).tobytes()).decode("ascii")
 
 
+class FeatureLMDBWriter:
+    """`with FeatureLMDBWriter(path) as out: out.put(image_id, value)`: stores records in the LMDB folder `path`.
+
+    Without `append` the result holds exactly the records put (an existing LMDB is replaced); with it, they
+    join the images already there, and an image id already there is refused unless `overwrite` (its record is
+    then replaced and keeps its place in b'keys'). The new data.mdb is built beside `path` (appending starts
+    from a copy) and renamed into place when the block ends without an error, so a crash or an error leaves
+    the old LMDB as it was and a reader sees the old or the new one, never a mix. `written` counts the
+    records put, `keys` lists the image ids the LMDB holds.
+    """
+
+    def __init__(self, path, *, append: bool = False, overwrite: bool = False):
+        self.path, self.append, self.overwrite = Path(path), append, overwrite
+        self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        self.keys: List[bytes] = []
+        self.written = 0
+        self._env = None
+
+    def __enter__(self) -> "FeatureLMDBWriter":
+        path = self.path
+        if path.exists() and not (path / "data.mdb").is_file() and any(path.iterdir()):
+            raise FeaturesError(f"{path} exists and is not an LMDB folder (no data.mdb); not writing into it")
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True)
+        try:
+            if self.append and (path / "data.mdb").is_file():
+                self.keys = _listed_keys(path)
+                shutil.copyfile(path / "data.mdb", self.tmp / "data.mdb")
+            # writemap: values go straight into the mapped file, a quarter of the CPU time of copied pages; LMDB
+            # then sizes the file to the whole map (sparse), so it is cut to the pages in use at the end.
+            self._env = lmdb.open(str(self.tmp), map_size=MAP_SIZE, writemap=True)
+        except BaseException:
+            self._discard()
+            raise
+        self._listed, self._given, self._pending = set(self.keys), set(), 0
+        self._txn = self._env.begin(write=True)
+        return self
+
+    def put(self, image_id, value: bytes) -> None:
+        key = str(image_id).encode()
+        if key in self._given:
+            raise BadRecord(f"image id {image_id} is given twice in the inputs; each image needs its own id")
+        if key in self._listed and not self.overwrite:
+            raise BadRecord(f"image id {image_id} is already in {self.path}; give --overwrite to replace its "
+                            f"regions, or leave it out")
+        self._txn.put(key, value)
+        self._given.add(key)
+        if key not in self._listed:
+            self.keys.append(key)
+            self._listed.add(key)
+        self.written, self._pending = self.written + 1, self._pending + len(value)
+        if self._pending > COMMIT_BYTES:
+            self._txn.commit()
+            self._pending, self._txn = 0, self._env.begin(write=True)
+
+    def __exit__(self, error_type, error, traceback) -> bool:
+        if error_type is not None:
+            self._txn.abort()
+            self._discard()
+            return False
+        try:
+            self._txn.put(b"keys", pickle.dumps(self.keys))
+            self._txn.commit()
+            used = (self._env.info()["last_pgno"] + 1) * self._env.stat()["psize"]
+            self._env.close()
+            self._env = None
+            with open(self.tmp / "data.mdb", "r+b") as f:
+                f.truncate(used)
+                os.fsync(f.fileno())
+            if not self.path.exists():
+                os.replace(self.tmp, self.path)
+                return False
+            os.replace(self.tmp / "data.mdb", self.path / "data.mdb")  # one rename: the commit point
+            if not (self.path / "lock.mdb").exists():
+                os.replace(self.tmp / "lock.mdb", self.path / "lock.mdb")
+            shutil.rmtree(self.tmp)
+        except BaseException:
+            self._discard()
+            raise
+        return False
+
+    def _discard(self) -> None:
+        if self._env is not None:
+            self._env.close()
+            self._env = None
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
 def write_feature_lmdb(path, records: Iterable[Tuple[int, bytes]], *, append: bool = False,
                        overwrite: bool = False) -> Tuple[int, int]:
-    """Stores (image_id, value) records in the LMDB folder `path`; returns (records written, images it lists).
-
-    Without `append` the result holds exactly `records` (an existing LMDB is replaced); with it, they join
-    the images already there, and an image id already there is refused unless `overwrite` (its record is
-    then replaced and keeps its place in b'keys'). The new data.mdb is built beside `path` (appending starts
-    from a copy) and renamed into place at the end, so a crash or an error, also one raised by `records`,
-    leaves the old LMDB as it was and a reader sees the old or the new one, never a mix.
-    """
-    path = Path(path)
-    if path.exists() and not (path / "data.mdb").is_file() and any(path.iterdir()):
-        raise FeaturesError(f"{path} exists and is not an LMDB folder (no data.mdb); not writing into it")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    env = None
-    try:
-        keys: List[bytes] = []
-        if append and (path / "data.mdb").is_file():
-            keys = _listed_keys(path)
-            shutil.copyfile(path / "data.mdb", tmp / "data.mdb")
-        # writemap: values go straight into the mapped file, a quarter of the CPU time of copied pages; LMDB
-        # then sizes the file to the whole map (sparse), so it is cut to the pages in use at the end.
-        env = lmdb.open(str(tmp), map_size=MAP_SIZE, writemap=True)
-        listed, given = set(keys), set()
-        written, pending, txn = 0, 0, env.begin(write=True)
+    """`FeatureLMDBWriter` over (image_id, value) records (an error raised by `records` also leaves the old
+    LMDB as it was); returns (records written, images the LMDB lists)."""
+    with FeatureLMDBWriter(path, append=append, overwrite=overwrite) as out:
         for image_id, value in records:
-            key = str(image_id).encode()
-            if key in given:
-                raise BadRecord(f"image id {image_id} is given twice in the inputs; each image needs its own id")
-            if key in listed and not overwrite:
-                raise BadRecord(f"image id {image_id} is already in {path}; give --overwrite to replace its "
-                                f"regions, or leave it out")
-            txn.put(key, value)
-            given.add(key)
-            if key not in listed:
-                keys.append(key)
-                listed.add(key)
-            written, pending = written + 1, pending + len(value)
-            if pending > COMMIT_BYTES:
-                txn.commit()
-                pending, txn = 0, env.begin(write=True)
-        txn.put(b"keys", pickle.dumps(keys))
-        txn.commit()
-        used = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
-        env.close()
-        env = None
-        with open(tmp / "data.mdb", "r+b") as f:
-            f.truncate(used)
-            os.fsync(f.fileno())
-        if not path.exists():
-            os.replace(tmp, path)
-            return written, len(keys)
-        os.replace(tmp / "data.mdb", path / "data.mdb")  # one rename: the commit point
-        if not (path / "lock.mdb").exists():
-            os.replace(tmp / "lock.mdb", path / "lock.mdb")
-        shutil.rmtree(tmp)
-        return written, len(keys)
-    except BaseException:
-        if env is not None:
-            env.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            out.put(image_id, value)
+    return out.written, len(out.keys)
 
 
 def _listed_keys(path: Path) -> List[bytes]:

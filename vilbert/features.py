@@ -9,20 +9,27 @@ with a whitelist of globals (dicts and numpy arrays only), so a downloaded file 
 
 `FeatureCache` (built by `build_feature_cache`, CLI `tools/build_feature_cache.py`) stores what the reader
 returns, so lookups are slices of memory-mapped arrays. A float16 cache hands its features on as float16;
-the model side casts each batch to float32 once. `open_features` picks a valid cache, else the LMDB.
+the model side casts each batch to float32 once. `open_features` picks a valid cache, else builds one
+(`ensure_feature_cache`: float16, beside the LMDB or, when its folder is read-only, under the user's cache
+folder; one process builds while others wait on a file lock), else reads the LMDB.
 
 `stored_keys`, `read_stored`, `unpickle_record`, `record_layout` and `decode_record` expose the same steps record
 by record, for what writes and audits LMDBs (`vilbert/feature_lmdb.py`) and reads 12-in-1's pickled .npy files.
 """
 
 import binascii
+import contextlib
+import fcntl
+import hashlib
 import io
 import json
 import logging
 import os
 import pickle
+import shutil
 import struct
 import threading
+import time
 from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional, Union
 
@@ -327,6 +334,7 @@ def build_feature_cache(lmdb_path, out=None, *, float16: bool = False, progress:
     signature = lmdb_signature(lmdb_path)
     out = Path(out) if out else default_cache_path(lmdb_path)
     dtype = np.dtype(np.float16 if float16 else np.float32)
+    _check_disk_space(reader, out, dtype)
     index, spatials, boxes, rows = [], [], [], 0
     with atomic_path(out) as tmp, open(tmp, "wb") as f:
         f.write(b"\0" * CACHE_ALIGN)
@@ -357,6 +365,21 @@ def build_feature_cache(lmdb_path, out=None, *, float16: bool = False, progress:
         f.flush()
         os.fsync(f.fileno())
     return out
+
+
+def _check_disk_space(reader: ImageFeaturesReader, out: Path, dtype: np.dtype) -> None:
+    """Refuses to start a cache that will not fit. Its size is estimated from the boxes of up to 64 records
+    spread over the LMDB (the record sizes say little: beta's are base64 with class scores), plus 10%."""
+    keys = reader.keys()
+    sample = keys[::max(1, len(keys) // 64)]
+    rows = sum(reader[key.decode()].num_boxes for key in sample) / len(sample) * len(keys)
+    needed = int(1.1 * (rows * (FEATURE_DIM * dtype.itemsize + 36) + len(keys) * 48)) + (1 << 20)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(out.parent).free
+    if free < needed:
+        raise FeaturesError(f"not enough disk space for the feature cache {out}: it needs about {needed / 2**30:.1f} "
+                            f"GiB and {out.parent} has {free / 2**30:.1f} GiB free; free some space, or read the "
+                            f"LMDB directly, more slowly, with --no-build_feature_cache")
 
 
 class FeatureCache(_KeyedStore):
@@ -437,27 +460,80 @@ class FeatureCache(_KeyedStore):
 FeatureReader = Union[ImageFeaturesReader, FeatureCache]
 
 
-def open_features(path, cache: Union[bool, str, os.PathLike, None] = True) -> FeatureReader:
+def fallback_cache_path(lmdb_path) -> Path:
+    """Where the cache of an LMDB in a read-only folder goes: `$XDG_CACHE_HOME` (default ~/.cache)
+    /vilbert-paddle/features/<LMDB folder name>-<hash of its real path>.cache."""
+    real = os.path.realpath(os.fspath(lmdb_path))
+    folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vilbert-paddle" / "features"
+    return folder / f"{os.path.basename(real)}-{hashlib.sha256(real.encode()).hexdigest()[:12]}{CACHE_SUFFIX}"
+
+
+def ensure_feature_cache(lmdb_path, progress: bool = True) -> Path:
+    """The path of a valid float16 cache of the LMDB, built first if there is none or it is stale.
+
+    Built beside the LMDB when its folder is writable, else at `fallback_cache_path`. Processes that start
+    together (several runs, or the ranks of a distributed run on one machine) take a file lock: the first
+    builds, the others wait and then read what it built; the file appears only complete (atomic rename).
+    """
+    lmdb_path = os.fspath(lmdb_path)
+    beside = default_cache_path(lmdb_path)
+    target = beside if os.access(beside.parent, os.W_OK) else fallback_cache_path(lmdb_path)
+    with _build_lock(target):
+        try:
+            FeatureCache(target, source=lmdb_path)
+            return target  # built by another process while this one waited
+        except FileNotFoundError:
+            reason = "once; later runs reuse it"
+        except FeaturesError as err:
+            reason = f"again: {err}"
+        print(f"Building the float16 feature cache of {lmdb_path} at {target} ({reason})", flush=True)
+        started = time.time()
+        build_feature_cache(lmdb_path, target, float16=True, progress=progress)
+        print(f"Built {target} ({target.stat().st_size / 2**30:.2f} GiB) in {time.time() - started:.0f} s", flush=True)
+    return target
+
+
+@contextlib.contextmanager
+def _build_lock(target: Path):
+    """An exclusive lock (flock) on the file `.<target name>.lock` beside `target`, held for the block."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_name(f".{target.name}.lock"), "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"Waiting for another process to finish building {target} ...", flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def open_features(path, cache: Union[bool, str, os.PathLike, None] = True, build: bool = False) -> FeatureReader:
     """The features of the LMDB folder `path`: from a valid decoded cache when there is one, else the LMDB.
 
-    cache=True looks for the cache next to the LMDB (`<path>.cache`) and falls back to the LMDB, with a
-    warning if that cache is stale or corrupt; a cache path given explicitly must exist and be valid;
-    cache=False or None always reads the LMDB.
+    cache=True looks for the cache next to the LMDB (`<path>.cache`), then at `fallback_cache_path`; with
+    build=True a missing or stale one is built (`ensure_feature_cache`), else the LMDB is read, with a warning
+    if a cache is stale or corrupt. A cache path given explicitly must exist and be valid; cache=False or None
+    always reads the LMDB.
     """
     path = os.fspath(path)
     if not cache:
         return ImageFeaturesReader(path)
-    explicit = cache is not True
-    cache_path = os.fspath(cache) if explicit else str(default_cache_path(path))
-    if not os.path.exists(cache_path):
-        if explicit:
-            raise FileNotFoundError(f"feature cache {cache_path} not found; build it with "
-                                    f"`python tools/build_feature_cache.py {path} --out {cache_path}`")
-        return ImageFeaturesReader(path)
-    try:
-        return FeatureCache(cache_path, source=path)
-    except FeaturesError as err:
-        if explicit:
-            raise
-        log.warning("%s. Reading the LMDB instead.", err)
-        return ImageFeaturesReader(path)
+    if cache is not True:
+        if not os.path.exists(cache):
+            raise FileNotFoundError(f"feature cache {cache} not found; build it with "
+                                    f"`python tools/build_feature_cache.py {path} --out {cache}`")
+        return FeatureCache(cache, source=path)
+    problem = None
+    for cache_path in (default_cache_path(path), fallback_cache_path(path)):
+        if cache_path.exists():
+            try:
+                return FeatureCache(cache_path, source=path)
+            except FeaturesError as err:
+                problem = err
+    if build:
+        return FeatureCache(ensure_feature_cache(path), source=path)
+    if problem:
+        log.warning("%s. Reading the LMDB instead.", problem)
+    return ImageFeaturesReader(path)

@@ -11,12 +11,14 @@ ways that change the result, so they are reproduced here exactly (model_spec.md 
 - weight decay is inverted: only names containing a decay pattern (``bias``, ``LayerNorm.*``) are decayed;
 - a parameter without a gradient is skipped (no moments, no decay, its update count does not advance).
 """
-import struct
+import ctypes
+from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import paddle
 from paddle import _C_ops
 
-from .compat import adamw_
+from . import runtime
 
 
 def lr_at(step, epoch, *, base_lr, t_total, warmup, milestones, gamma):
@@ -79,15 +81,17 @@ class BertAdam:
     ``clear_grad`` zeroes gradients in place (Paddle's default, and what beta's torch 1.0 ``zero_grad`` did), so a
     parameter that once had a gradient keeps being updated; only parameters never reached by backward are skipped.
 
-    Speed: per tensor one squared-norm kernel, an in-place scale if clipped and one fused ``adamw_`` kernel (the
-    kernels ``nn.ClipGradByGlobalNorm`` and ``paddle.optimizer.AdamW`` run). ``adamw_``'s decoupled decay
-    ``p -= lr*wd*p`` equals beta's ``lr*(update + wd*p)``, and its bias-correction inputs (``beta1_pow``,
-    ``beta2_pow``, never advanced here) are used to cancel the kernel's one difference: it forms ``1 - beta`` in
-    float32 (``1 - 0.999f`` is 1.3e-5 off 0.001), so its moments are ``s1*m`` and ``s2*v`` with
-    ``s = (1 - float32(beta)) / (1 - beta)``; with ``beta1_pow = 1 - s1`` and ``beta2_pow = 1 - s2`` the kernel's
-    step ``lr * sqrt(1-beta2_pow)/(1-beta1_pow) * s1*m / (sqrt(s2*v) + eps*sqrt(1-beta2_pow))`` is exactly beta's
-    ``lr * m / (sqrt(v) + eps)``. The kernel runs on Paddle's OpenMP threads, which importing ``vilbert`` sets
-    (``vilbert/runtime.py``): 1.2 -> 0.7 s per full-config step on 2 cores.
+    Each update is formed as beta forms it, one float32 operation after another:
+    ``p -= lr * (m / (sqrt(v) + eps) + wd * p)``. Paddle's fused ``adamw_`` cannot serve: it decays by
+    ``p * (1 - lr*wd)``, and near 1.0 float32 rounds ``lr*wd`` to a multiple of 6e-8, so LayerNorm weights drifted
+    5e-6 from beta's over a run and got no decay at all once ``lr*wd`` fell below 3e-8 (issue 11). Its CPU kernel is
+    also generated for AVX-512 only; elsewhere a scalar loop took 1.7 s per full-config step.
+
+    On CPU the update runs on NumPy views of the tensors' memory, in pieces of ``_PIECE`` elements that stay in
+    cache through all the operations (``update_pieces``): per step each of parameter, gradient and moments is read
+    once and written once, whatever the instruction set, on ``runtime.cpu_threads()`` threads. Every operation is
+    elementwise and correctly rounded, so the result depends neither on the thread count nor on the SIMD width.
+    On other devices the same operations run as Paddle kernels (``update_tensors``).
     """
 
     def __init__(self, param_groups, *, t_total, warmup=0.1, milestones=(12, 16), gamma=0.1, betas=(0.9, 0.999),
@@ -105,14 +109,14 @@ class BertAdam:
         self._param_groups = param_groups
         self._schedule = dict(t_total=t_total, warmup=warmup, milestones=tuple(milestones), gamma=gamma)
         self._betas = betas
-        self._moment_scales = tuple((1.0 - _as_float32(beta)) / (1.0 - beta) for beta in betas)
         self._eps = eps
         self._max_grad_norm = max_grad_norm
         self._state = {}  # name -> {'step', 'moment1', 'moment2'}, created at the parameter's first update
         self._epoch = 0
         self._last_lr = 0.0
         self._logged_name = param_groups[0]['names'][0]  # get_lr reports the lr of this parameter's updates
-        self._beta_pows = None
+        self._threads = runtime.cpu_threads()
+        self._pool = None  # ``_threads`` threads for the CPU update, started at the first step that has one
 
     def set_epoch(self, epoch):
         """Apply the per-epoch decay for 0-based ``epoch`` (call before the epoch's first step)."""
@@ -133,13 +137,10 @@ class BertAdam:
                 for name, param in zip(group['names'], group['params']) if param.grad is not None]
         if not live:
             return
-        if self._max_grad_norm > 0:
-            self._clip_each([grad for _, _, _, grad in live])
-        if self._beta_pows is None:  # created here, on the device training runs on
-            self._beta_pows = tuple(paddle.full([1], 1.0 - scale, dtype='float32') for scale in self._moment_scales)
+        clips = self._clip_coefficients([grad for _, _, _, grad in live])
         beta1, beta2 = self._betas
-        lr_tensors = {}
-        for group, name, param, grad in live:
+        on_host, on_device = [], []
+        for (group, name, param, grad), clip in zip(live, clips):
             state = self._state.get(name)
             if state is None:
                 state = self._state[name] = {'step': 0, 'moment1': paddle.zeros_like(param),
@@ -147,58 +148,142 @@ class BertAdam:
             lr = lr_at(state['step'], self._epoch, base_lr=group['lr'], **self._schedule)
             if name == self._logged_name:
                 self._last_lr = lr
-            if lr not in lr_tensors:
-                lr_tensors[lr] = paddle.full([1], lr, dtype='float32')
-            decay = group['weight_decay']
-            adamw_(param, grad, lr_tensors[lr], state['moment1'], state['moment2'], *self._beta_pows, beta1=beta1,
-                   beta2=beta2, epsilon=self._eps, coeff=decay, use_global_beta_pow=True)  # leaves the pows as they are
+            update = Update(param, grad, state['moment1'], state['moment2'], clip=clip, lr=lr,
+                            weight_decay=group['weight_decay'], beta1=beta1, beta2=beta2, eps=self._eps)
+            (on_host if runs_on_host(param) else on_device).append(update)
             state['step'] += 1
+        if on_host:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix='BertAdam')
+            update_pieces(on_host, self._pool, self._threads)
+        for update in on_device:
+            update_tensors(update)
 
-    def _clip_each(self, grads):
-        """``clip_grad_norm_(p, max_norm)`` per tensor, in place: scale by ``max_norm/(norm+1e-6)`` when below 1.
+    def _clip_coefficients(self, grads):
+        """beta's ``clip_grad_norm_(p, max_norm)`` per tensor: the float32 factor ``max_norm/(norm+1e-6)``, or 1.0
+        where that is >= 1 (or clipping is off); the factor is applied within the update.
 
-        The norms are gathered into one vector, so the coefficients cost a few ops and ONE device-to-host copy
-        per step; only the gradients that need it are then scaled (by the same float32 coefficient torch uses).
+        The norms are gathered into one vector, so the factors cost a few ops and ONE device-to-host copy per step.
         """
+        if self._max_grad_norm <= 0:
+            return [1.0] * len(grads)
         norms = paddle.sqrt(paddle.concat([_C_ops.squared_l2_norm(grad).reshape([1]) for grad in grads]))
-        coefs = (self._max_grad_norm / (norms + 1e-6)).numpy().tolist()
-        for grad, coef in zip(grads, coefs):
-            if coef < 1.0:
-                grad.scale_(coef)
+        return [min(coef, 1.0) for coef in (self._max_grad_norm / (norms + 1e-6)).numpy().tolist()]
 
     def state_dict(self):
         """Everything an exact resume needs, keyed by parameter name; tensors are the live ones (save right away).
 
-        ``moment1`` / ``moment2`` are beta's ``next_m`` / ``next_v`` times ``moment_scales`` (see the class
-        docstring), stored as the kernel keeps them so that a resumed run is bit-identical.
+        ``moment1`` / ``moment2`` are beta's ``next_m`` / ``next_v``.
         """
-        return {'epoch': self._epoch, 'last_lr': self._last_lr, 'moment_scales': list(self._moment_scales),
+        return {'epoch': self._epoch, 'last_lr': self._last_lr,
                 'state': {name: dict(state) for name, state in self._state.items()}}
 
     def set_state_dict(self, state_dict):
-        if [float(s) for s in state_dict['moment_scales']] != list(self._moment_scales):
-            raise ValueError(f"optimizer state was saved with moment scales {state_dict['moment_scales']} (other "
-                             f"betas); this optimizer uses {list(self._moment_scales)}: resume with the same betas")
         params = {name: param for group in self._param_groups for name, param in zip(group['names'], group['params'])}
         unexpected = sorted(set(state_dict['state']) - set(params))
         if unexpected:
             raise KeyError(f"optimizer state for parameters this model does not train: {unexpected[:5]} "
                            f"({len(unexpected)} in all); resume with the same model and head/freeze settings")
+        # saved before issue 11, the moments were the fused kernel's, beta's times these factors
+        scales = [float(scale) for scale in state_dict.get('moment_scales', (1.0, 1.0))]
         state = {}
         for name, saved in state_dict['state'].items():
             entry = {'step': int(saved['step'])}
-            for key in ('moment1', 'moment2'):
-                value = paddle.to_tensor(saved[key], dtype='float32', place=params[name].place)  # a copy
-                if value.shape != params[name].shape:
-                    raise ValueError(f"optimizer {key} of {name} has shape {value.shape}, "
+            for key, scale in zip(('moment1', 'moment2'), scales):
+                moment = (np.asarray(saved[key], dtype=np.float64) / scale).astype(np.float32)
+                if moment.shape != tuple(params[name].shape):
+                    raise ValueError(f"optimizer {key} of {name} has shape {list(moment.shape)}, "
                                      f"the parameter has {params[name].shape}")
-                entry[key] = value
+                entry[key] = paddle.to_tensor(moment, place=params[name].place)
             state[name] = entry
         self._state = state
         self._epoch = int(state_dict['epoch'])
         self._last_lr = float(state_dict['last_lr'])
 
 
-def _as_float32(value):
-    """``value`` rounded to float32, as the fused kernel sees its float attributes."""
-    return struct.unpack('f', struct.pack('f', value))[0]
+class Update:
+    """One tensor's update in a step: the tensors it touches and its float32 constants, as beta's torch sees them
+    (a Python float meeting a float32 tensor is rounded to float32)."""
+
+    def __init__(self, param, grad, moment1, moment2, *, clip, lr, weight_decay, beta1, beta2, eps):
+        if grad.dtype != paddle.float32:
+            raise ValueError(f"a gradient is {grad.dtype}; BertAdam needs float32 gradients (AMP O1 keeps them so)")
+        self.tensors = (param, grad, moment1, moment2)
+        self.clip, self.lr, self.weight_decay = np.float32(clip), np.float32(lr), np.float32(weight_decay)
+        self.beta1, self.one_minus_beta1 = np.float32(beta1), np.float32(1.0 - beta1)
+        self.beta2, self.one_minus_beta2 = np.float32(beta2), np.float32(1.0 - beta2)
+        self.eps = np.float32(eps)
+
+
+def update_piece(u, param, grad, moment1, moment2, scratch, scratch2):
+    """beta's update of one piece, in place; each line is the torch line beside it, operation for operation.
+
+    ``param`` .. ``moment2`` are views of the same slice of each tensor, ``scratch*`` NumPy buffers of its length.
+    """
+    if u.clip != 1:
+        grad *= u.clip                                   # clip_grad_norm_: grad.mul_(clip_coef)
+    moment1 *= u.beta1                                   # next_m.mul_(beta1)
+    np.multiply(grad, u.one_minus_beta1, out=scratch)    #       .add_(1 - beta1, grad)
+    moment1 += scratch
+    np.multiply(grad, u.one_minus_beta2, out=scratch)    # next_v.mul_(beta2).addcmul_(1 - beta2, grad, grad)
+    scratch *= grad
+    moment2 *= u.beta2
+    moment2 += scratch
+    np.sqrt(moment2, out=scratch)                        # update = next_m / (next_v.sqrt() + e)
+    scratch += u.eps
+    np.divide(moment1, scratch, out=scratch)
+    if u.weight_decay:
+        np.multiply(param, u.weight_decay, out=scratch2)  # update += weight_decay * p.data
+        scratch += scratch2
+    scratch *= u.lr                                      # update_with_lr = lr_scheduled * update
+    param -= scratch                                     # p.data.add_(-update_with_lr)
+
+
+_PIECE = 1 << 16  # elements: 256 KB per tensor, so the six arrays a piece touches stay in L2/L3 cache
+
+
+def update_pieces(updates, pool, threads):
+    """``update_piece`` over every ``_PIECE``-element slice of the CPU tensors of ``updates``, on ``threads`` of ``pool``.
+
+    The tensors are viewed in place as NumPy arrays (through ``data_ptr``; parameters, gradients and moments are
+    dense float32). Each thread takes the next piece from one shared list, so a thread slowed by another process
+    takes fewer; which thread updates a piece does not change its result.
+    """
+    pieces = []
+    for u in updates:
+        arrays = [_host_array(tensor) for tensor in u.tensors]
+        pieces += [(u, [array[start:start + _PIECE] for array in arrays]) for start in range(0, len(arrays[0]),
+                                                                                             _PIECE)]
+    queue = iter(pieces)  # a list iterator: taking the next item is atomic under the GIL
+
+    def work():
+        scratch = np.empty(_PIECE, np.float32), np.empty(_PIECE, np.float32)
+        for u, views in queue:
+            update_piece(u, *views, *(buffer[:len(views[0])] for buffer in scratch))
+
+    for future in [pool.submit(work) for _ in range(threads)]:
+        future.result()
+
+
+def runs_on_host(tensor):
+    """Whether ``tensor``'s update runs in NumPy (``update_pieces``) rather than in Paddle kernels."""
+    return tensor.place.is_cpu_place()
+
+
+def update_tensors(u):
+    """``update_piece`` in Paddle kernels, for tensors off the CPU (NumPy cannot reach their memory)."""
+    param, grad, moment1, moment2 = u.tensors
+    if u.clip != 1:
+        grad.scale_(float(u.clip))
+    moment1.scale_(float(u.beta1)).add_(grad.scale(float(u.one_minus_beta1)))
+    moment2.scale_(float(u.beta2)).add_(grad.scale(float(u.one_minus_beta2)) * grad)
+    update = moment1 / (moment2.sqrt() + float(u.eps))
+    if u.weight_decay:
+        update = update + param.scale(float(u.weight_decay))
+    param.subtract_(update.scale_(float(u.lr)))
+
+
+def _host_array(tensor):
+    """A writable NumPy view of a dense float32 CPU tensor's memory (valid while the tensor lives)."""
+    size = int(tensor.size)
+    return np.frombuffer((ctypes.c_float * size).from_address(tensor.data_ptr()), np.float32, size)

@@ -1,16 +1,17 @@
 """Process-wide CPU settings for Paddle, measured on this project's 2-core AMD EPYC machine.
 
 - Threads: Paddle's CPU wheel runs on one thread unless told otherwise. `MKL_NUM_THREADS` (default: the CPUs
-  this process may use) sets both MKL's threads (matmuls) and Paddle's OpenMP threads (other kernels, such as
-  the optimizer's `adamw_`: 1.2 -> 0.7 s per full-config step on 2 cores). `OMP_NUM_THREADS` cannot serve:
-  importing Paddle sets it to 1 when unset (and warns when it is above 1), so its value depends on what was
-  imported first, and results change with the thread count (the optimizer's rounding does).
+  this process may use) sets MKL's threads (matmuls), Paddle's OpenMP threads (other kernels) and those of
+  BertAdam's CPU update (`cpu_threads`). `OMP_NUM_THREADS` cannot serve: importing Paddle sets it to 1 when
+  unset (and warns when it is above 1), so its value would depend on what was imported first.
 - MKL takes a slow generic path on AMD CPUs unless `MKL_DEBUG_CPU_TYPE=5`: with both, a 800x1024x1024 matmul
-  goes from 25 to 136 GFLOP/s, and the optimizer step from 1.35 s to 0.75 s.
+  goes from 25 to 136 GFLOP/s.
 - Strided views (on by default) make a transpose free but the reshape after it, and its gradient, a slow copy
   (8.8 ms per [8, 100, 1024] against 1.9 ms for the transpose kernel); off on CPU-only builds, outputs identical.
 - glibc hands large freed blocks back to the OS, so every backward pass faulted ~550 MB of fresh pages in again
   (the 94 MB word-embedding gradient took 171 ms instead of 3.5 ms); kept instead, so memory stays at its peak.
+  One arena for all threads: a block above 64 MB allocated in another thread (a batch the loader's threads
+  assemble) bypasses the kept heap and is faulted in fresh every time (105 MB: ~100 ms instead of ~10 ms).
 Values already in the environment are respected.
 """
 
@@ -29,11 +30,16 @@ def set_cpu_defaults() -> None:
     _keep_freed_memory()
 
 
+def cpu_threads() -> int:
+    """The thread count set by `MKL_NUM_THREADS`, for Paddle's kernels and BertAdam's CPU update alike."""
+    return int(os.environ["MKL_NUM_THREADS"])
+
+
 def set_paddle_threads() -> None:
     """After Paddle is imported: its threads as `MKL_NUM_THREADS` says, and no strided views on CPU-only builds."""
     import paddle
 
-    paddle.base.core.set_num_threads(int(os.environ["MKL_NUM_THREADS"]))
+    paddle.base.core.set_num_threads(cpu_threads())
     if not paddle.is_compiled_with_cuda() and "FLAGS_use_stride_kernel" not in os.environ:
         paddle.set_flags({"FLAGS_use_stride_kernel": False})
 
@@ -45,7 +51,8 @@ def _keep_freed_memory() -> None:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:  # not glibc: nothing to tune
         return
-    m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4  # mallopt parameters of glibc's malloc.h
+    m_trim_threshold, m_top_pad, m_mmap_max, m_arena_max = -1, -2, -4, -8  # mallopt parameters of glibc's malloc.h
     libc.mallopt(m_mmap_max, 0)  # big blocks from the heap, which keeps them
+    libc.mallopt(m_arena_max, 1)  # ... also for other threads
     libc.mallopt(m_trim_threshold, 2 ** 31 - 1)  # never shrink the heap
     libc.mallopt(m_top_pad, 64 << 20)  # grow it in 64 MB steps
