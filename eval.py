@@ -30,7 +30,7 @@ def draw_first(model, dataset, tokenizer, options, count: int, folder: Path) -> 
     folder.mkdir(exist_ok=True)
     for entry in dataset.entries[:count]:
         regions = dataset.det_features[entry["image_id"]]
-        input_ids = tokenize_expression(tokenizer, entry["caption"], options.max_seq_length)
+        input_ids = tokenize_expression(tokenizer, entry["caption"], options.max_seq_length, options.tokenization)
         scores, boxes = score_regions(model, regions, input_ids, options.max_region_num, options.task_id)
         draw_prediction(folder / f"sent_{entry['sent_id']}.png", entry["caption"], boxes, scores,
                         image_size=(regions.image_w, regions.image_h), target_box=entry["ref_box"],
