@@ -70,18 +70,24 @@ def load_refs(path, dataset="refcoco+"):
     except Exception as error:  # a damaged pickle fails in many ways inside pickle
         with open(path, "rb") as f:
             start = f.read(64)
-        if isinstance(error, EOFError) or "truncated" in str(error):
-            problem = "is truncated (the download or copy stopped early)"
-        elif _looks_like_html(start):
-            problem = "is an HTML page, not a pickle (a login or error page was saved instead of the file)"
-        else:
-            problem = f"is not a pickle ({type(error).__name__}: {' '.join(str(error).split())})"
-        raise AnnotationError(f"{path} {problem}; {fix}") from None
+        raise _damaged(path, "a pickle", start, isinstance(error, EOFError) or "truncated" in str(error),
+                       f"{type(error).__name__}: {' '.join(str(error).split())}", fix) from None
     if not isinstance(refs, list) or not refs or not all(isinstance(ref, dict) for ref in refs):
         raise AnnotationError(f"{path} does not hold a list of refs (it holds a {type(refs).__name__}); {fix}")
     _require_fields(path, "refs", refs, REF_FIELDS, fix)
     _require_fields(path, "sentences", [s for ref in refs for s in ref["sentences"]], SENTENCE_FIELDS, fix)
     return refs
+
+
+def _damaged(path, kind: str, start: bytes, truncated: bool, detail: str, fix: str) -> AnnotationError:
+    """One line for a file that does not parse as `kind`: cut short, an HTML page saved in its place, or else."""
+    if truncated:
+        problem = "is truncated (the download or copy stopped early)"
+    elif _looks_like_html(start):
+        problem = f"is an HTML page, not {kind} (a login or error page was saved instead of the file)"
+    else:
+        problem = f"is not {kind} ({detail})"
+    return AnnotationError(f"{path} {problem}; {fix}")
 
 
 def load_instances(path, dataset="refcoco+"):
@@ -92,13 +98,7 @@ def load_instances(path, dataset="refcoco+"):
             text = f.read()
         instances = json.loads(text)
     except json.JSONDecodeError as error:
-        if error.pos >= len(text.rstrip()):
-            problem = "is truncated (the download or copy stopped early)"
-        elif _looks_like_html(text):
-            problem = "is an HTML page, not JSON (a login or error page was saved instead of the file)"
-        else:
-            problem = f"is not JSON ({error})"
-        raise AnnotationError(f"{path} {problem}; {fix}") from None
+        raise _damaged(path, "JSON", text, error.pos >= len(text.rstrip()), str(error), fix) from None
     except UnicodeDecodeError as error:
         raise AnnotationError(f"{path} is not JSON (not UTF-8 text: {error}); {fix}") from None
     if not isinstance(instances, dict):
