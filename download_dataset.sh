@@ -6,6 +6,7 @@
 #   bash download_dataset.sh --dataset refcocog      # RefCOCOg (umd) into datasets/refcoco (12-in-1's layout)
 #   bash download_dataset.sh --dataroot /big/disk    # or: DATA_ROOT=/big/disk bash download_dataset.sh
 #   bash download_dataset.sh --check [--dataset D]   # audit a data root, download nothing
+#   bash download_dataset.sh --check --sample 200    # ... reading back 200 feature records per LMDB, not all
 #   bash download_dataset.sh --mirror URL            # fetch URL/refcoco+/instances.json, ... (same layout);
 #                                                    # refcoco/refcocog: URL/datasets.tar.gz
 #
@@ -25,6 +26,7 @@ DATA_ROOT=${DATA_ROOT:-}
 MIRROR=${MIRROR:-}
 PYTHON=${PYTHON:-$(command -v python || command -v python3 || echo python)}
 CHECK=0
+SAMPLE=0
 TARBALL_12IN1=https://dl.fbaipublicfiles.com/vilbert-multi-task/datasets.tar.gz
 
 DROPBOX=https://www.dropbox.com/sh/4jqadcfkai68yoe
@@ -39,7 +41,7 @@ FILES=(
   "refcoco+_gt_resnet101_faster_rcnn_genome.lmdb/lock.mdb|AAALVeDoHRomCu-AsyUwnM4Fa/refcoco%2B_gt_resnet101_faster_rcnn_genome.lmdb/lock.mdb"
 )
 
-usage() { sed -n '2,19p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 die() { echo "ERROR: $*" >&2; exit 1; }
 
 while [ $# -gt 0 ]; do
@@ -51,6 +53,7 @@ while [ $# -gt 0 ]; do
     --dataset) [ $# -ge 2 ] || die "--dataset needs refcoco, refcoco+ or refcocog"; DATASET=$2; shift 2 ;;
     --dataset=*) DATASET=${1#*=}; shift ;;
     --check) CHECK=1; shift ;;
+    --sample) [ $# -ge 2 ] || die "--sample needs a number of records"; SAMPLE=$2; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     *) usage >&2; die "unknown argument: $1" ;;
   esac
@@ -241,7 +244,7 @@ audit_features() {
   done < <(find "$DATA_ROOT" -maxdepth 2 -name '*.lmdb' -type d -print0 2>/dev/null | sort -z)
   [ ${#lmdbs[@]} -gt 0 ] || return 0
   echo
-  "$PYTHON" "$SCRIPT_DIR/tools/audit_features.py" "${lmdbs[@]}"
+  "$PYTHON" "$SCRIPT_DIR/tools/audit_features.py" --sample "$SAMPLE" "${lmdbs[@]}"
 }
 
 # Does the file start like an HTML page (a login, error or preview page instead of the file)?

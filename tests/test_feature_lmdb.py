@@ -114,6 +114,18 @@ def test_audit_finds_each_planted_defect(tmp_path, defect, capsys):
     assert f"  PROBLEM: " in printed and expected in printed
 
 
+def test_a_sampled_audit_reads_back_some_records_and_checks_every_key(tmp_path):
+    """What selfcheck.py runs: the middle record (12) is outside a sample of 2, the key checks are not."""
+    path = make_lmdb(tmp_path / "f.lmdb")
+    nan_record(path)  # plants a NaN in record 12
+    raw_edit(path, put={b"99": encode_record(image(99, 2), "beta")})  # a record no key lists
+    audit = audit_feature_lmdb(path, sample=2)
+    assert audit.audited == 2 and audit.layouts == {"beta": 2}
+    assert "4 records, 2 of them read back (a sample)" in audit.table()
+    assert [p.split(":")[0] for p in audit.problems] == ["1 record(s) not listed in b'keys' (no reader sees them)"]
+    assert any("NaN" in p for p in audit_feature_lmdb(path).problems)  # read in full, the NaN is found
+
+
 def test_audit_of_what_is_not_an_lmdb(tmp_path, capsys):
     (tmp_path / "empty.lmdb").mkdir()
     assert audit_features.main([str(tmp_path / "empty.lmdb"), str(tmp_path / "missing.lmdb")]) == 1

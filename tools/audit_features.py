@@ -23,11 +23,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("lmdbs", nargs="+", help="LMDB folders (holding data.mdb)")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    parser.add_argument("--sample", type=int, default=0, metavar="N",
+                        help="read back only N records spread over each LMDB (default: all)")
     args = parser.parse_args(argv)
     failed = 0
     for path in args.lmdbs:
         try:
-            audit = audit_feature_lmdb(path, progress=not args.no_progress)
+            audit = audit_feature_lmdb(path, progress=not args.no_progress, sample=args.sample)
         except (OSError, FeaturesError) as err:
             print(f"region-feature LMDB {path}\n  PROBLEM: {err}")
             failed += 1
