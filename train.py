@@ -1,4 +1,4 @@
-"""Fine-tune ViLBERT on RefCOCO+ referring expressions and report val accuracy every epoch.
+"""Fine-tune ViLBERT on RefCOCO+ (or RefCOCO, RefCOCOg: --dataset) referring expressions; val accuracy every epoch.
 
 The defaults (config/refcoco+.yml) are the recipe of the run behind the paper's 72.34 val; every option is
 also a flag, named as in the official scripts.
@@ -9,8 +9,9 @@ also a flag, named as in the official scripts.
   python -m paddle.distributed.launch --devices 0,1,2,3 train.py --from_pretrained ...
   # continue a stopped run where it left off:
   python train.py --resume auto
-  # the embedded demo: small model from scratch on generated data, on CPU:
+  # the embedded demo: small model from scratch on generated data, on CPU (any of the three datasets):
   python train.py --demo
+  python train.py --demo --dataset refcocog
 """
 
 from pathlib import Path
@@ -20,24 +21,26 @@ from vilbert.options import build_parser, load_task_config, parse_options, DEMO_
 from vilbert.training import exit_on_user_error, fit
 
 
-def ensure_demo_data(dataroot: str) -> None:
-    """Generate the demo data at the demo config's own data root if it is not there yet."""
-    if Path(dataroot, "refcoco+", "refs(unc).p").exists():
+def ensure_demo_data(options) -> None:
+    """Generate the demo data of the dataset at the demo config's own data root if it is not there yet."""
+    refs = Path(options.dataroot, options.dataset, f"refs({options.splitBy}).p")
+    if refs.exists():
         return
-    if Path(dataroot) != Path(load_task_config(DEMO_TASK_CONFIG)["dataroot"]):
-        raise FileNotFoundError(f"--dataroot {dataroot} has no refcoco+/refs(unc).p; point it at a RefCOCO+ "
-                                "data root (see `bash download_dataset.sh --check`)")
+    if Path(options.dataroot) != Path(load_task_config(DEMO_TASK_CONFIG)["dataroot"]):
+        raise FileNotFoundError(f"--dataroot {options.dataroot} has no {options.dataset}/{refs.name}; point it at a "
+                                f"data root of {options.dataset} (see `bash download_dataset.sh --check --dataset "
+                                f"{options.dataset} --dataroot {options.dataroot}`)")
     from vilbert.demo_data import make_demo_dataset
 
-    print(f"Generating the demo data in {dataroot} ...")
-    make_demo_dataset(dataroot)
+    print(f"Generating the {options.dataset} demo data in {options.dataroot} ...")
+    make_demo_dataset(options.dataroot, dataset=options.dataset)
 
 
 @exit_on_user_error()
 def main(argv=None):
     options, args = parse_options(build_parser(__doc__), argv)
     if args.demo:
-        ensure_demo_data(options.dataroot)
+        ensure_demo_data(options)
     fit(options)
 
 

@@ -20,7 +20,8 @@ import paddle.nn as nn
 import pytest
 
 from vilbert.checkpoint import (DROPPED, LINEAR_WEIGHTS, CheckpointError, convert_state_dict, is_linear_weight,
-                                load_pretrained, read_checkpoint, read_state_dict, save_checkpoint)
+                                load_pretrained, read_checkpoint, read_state_dict, read_training_state,
+                                save_checkpoint)
 from vilbert.config import ViLBertConfig
 from vilbert.model import VILBertForVLTasks
 from tools.convert_checkpoint import main as convert_main
@@ -555,3 +556,17 @@ def test_convert_tool_writes_a_checkpoint_that_loads_identically(tmp_path, sourc
     report = load_pretrained(model, out, log=lambda *_: None)
     assert report.source == "paddle" and report.dropped == {} and report.transposed == []
     assert_same_weights(model, source_model)
+
+
+def test_training_state_reads_back_without_paddle_load(tmp_path):
+    model = nn.Linear(2, 3)
+    state = {"model": model.state_dict(), "optimizer": {"epoch": 1, "state": {"w": {"moment1": paddle.ones([2])}}},
+             "epoch": 1, "best": {"val_accuracy": 0.5, "epoch": 1}, "options": {"lr_milestones": [12, 16]}}
+    save_checkpoint(state, tmp_path / "last.pdparams")
+    read = read_training_state(tmp_path / "last.pdparams")
+    np.testing.assert_array_equal(read["model"]["weight"], model.weight.numpy())
+    np.testing.assert_array_equal(read["optimizer"]["state"]["w"]["moment1"], np.ones(2, np.float32))
+    assert read["best"] == {"val_accuracy": 0.5, "epoch": 1} and read["options"] == {"lr_milestones": [12, 16]}
+    save_checkpoint(model.state_dict(), tmp_path / "best.pdparams")
+    with pytest.raises(CheckpointError, match="best.pdparams: not a resumable checkpoint of train.py"):
+        read_training_state(tmp_path / "best.pdparams")

@@ -274,3 +274,16 @@ def test_dataloader_with_workers(demo_root, tokenizer, tmp_path):
             np.testing.assert_array_equal(got, value, err_msg=key)
         seen += len(expected["sent_id"])
     assert seen == len(data)
+
+
+def test_sample_hands_collate_views_of_the_cached_rows(root, tokenizer):
+    """What the loader copies from: the cache's own memory-mapped rows, not a gathered copy of them."""
+    for name in (DET, GT):
+        build_feature_cache(root / name, float16=True, progress=False)
+    det, gt = open_features(root / DET), open_features(root / GT)
+    data = ReferExpressionDataset(root, "train", tokenizer, det, gt)
+    blocks = data.sample(0)["features"]
+    assert len(blocks) == 2
+    assert np.shares_memory(blocks[0], det[1].features) and np.shares_memory(blocks[1], gt[1].features)
+    np.testing.assert_array_equal(np.concatenate(blocks), data[0]["features"])
+    np.testing.assert_array_equal(collate([data.sample(0)])["features"][0], data[0]["features"])

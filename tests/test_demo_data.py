@@ -9,9 +9,11 @@ import lmdb
 import numpy as np
 import pytest
 
+from pyutils.refer import REFER
 from vilbert.demo_data import (BLOCK, COLOUR_OFFSET, COLOURS, DETECTED_LMDB, GT_LMDB, IMAGE_SIZES, KIND_OFFSET, KINDS,
                                make_demo_dataset)
 from vilbert.dataset import iou_plus_one
+from vilbert.refer_datasets import feature_files
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(num_train_images=10, num_val_images=4, num_test_images=3)
@@ -209,6 +211,28 @@ def test_cli(tmp_path):
     out = subprocess.run([sys.executable, str(REPO / "tools" / "make_demo_data.py"), "--out", str(tmp_path / "d"),
                           "--layout", "mt", "--num_train_images", "5", "--num_val_images", "2",
                           "--num_test_images", "1"], capture_output=True, text=True, check=True).stdout
-    assert "mt-layout demo data" in out and (tmp_path / "d" / "refcoco+" / "refs(unc).p").is_file()
+    assert "mt-layout refcoco+ (unc) demo data" in out and (tmp_path / "d" / "refcoco+" / "refs(unc).p").is_file()
     assert [line.split()[0] for line in out.splitlines()[2:6]] == ["train", "val", "testA", "testB"]
     assert out.splitlines()[2].split()[3] == "5"  # train images
+
+
+def test_refcoco_and_refcocog_share_a_root_with_refcoco_plus(tmp_path):
+    for dataset in ("refcoco+", "refcoco", "refcocog"):
+        make_demo_dataset(tmp_path, dataset=dataset, seed=1, **TINY)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["refcoco", "refcoco+", "refcocog"] + [name for dataset in ("refcoco", "refcoco+", "refcocog")
+                                               for name in feature_files(dataset, "beta")])
+    refcocog = REFER(tmp_path, "refcocog", "umd")  # refs(umd).p
+    assert {ref["split"] for ref in refcocog.data["refs"]} == {"train", "val", "test"}
+    assert {ref["split"] for ref in REFER(tmp_path, "refcoco", "unc").data["refs"]} == {"train", "val", "testA",
+                                                                                        "testB"}
+    with pytest.raises(ValueError, match="dataset='refclef' must be one of refcoco, refcoco\\+, refcocog"):
+        make_demo_dataset(tmp_path, dataset="refclef")
+
+
+def test_cli_writes_refcocog(tmp_path):
+    out = subprocess.run([sys.executable, str(REPO / "tools" / "make_demo_data.py"), "--out", str(tmp_path),
+                          "--dataset", "refcocog", "--num_train_images", "5", "--num_val_images", "2",
+                          "--num_test_images", "1"], capture_output=True, text=True, check=True).stdout
+    assert "refcocog (umd) demo data" in out and (tmp_path / "refcocog" / "refs(umd).p").is_file()
+    assert [line.split()[0] for line in out.splitlines()[2:5]] == ["train", "val", "test"]

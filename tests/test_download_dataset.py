@@ -5,11 +5,15 @@ import pickle
 import shutil
 import subprocess
 import sys
+import tarfile
 import threading
 from pathlib import Path
 
 import lmdb
 import pytest
+
+from vilbert.demo_data import make_demo_dataset
+from vilbert.refer_datasets import feature_files
 
 SCRIPT = Path(__file__).resolve().parents[1] / "download_dataset.sh"
 ENTRIES = ("refcoco+/refs(unc).p", "refcoco+/instances.json", "refcoco+_resnet101_faster_rcnn_genome.lmdb",
@@ -76,7 +80,9 @@ def test_check_reports_unreadable_files(tmp_path, demo_root):
     lmdb.open(str(gt)).close()  # an LMDB without b'keys', as an interrupted conversion leaves it
     result = run("--check", "--dataroot", str(root))
     assert result.returncode == 1
-    assert "refusing to unpickle posix.system" in result.stdout and "JSONDecodeError" in result.stdout
+    refs, instances = root / "refcoco+" / "refs(unc).p", root / "refcoco+" / "instances.json"
+    assert f"{refs}: refusing to unpickle global posix.system" in result.stdout  # the training code's own message
+    assert f"{instances} is an HTML page, not JSON" in result.stdout
     assert "no b'keys' record" in result.stdout and "3 of 4 missing or unreadable" in result.stdout
 
 
@@ -122,6 +128,53 @@ def test_download_refuses_an_html_page(mirror, demo_root, tmp_path):
     assert (target / "refcoco+" / "instances.json").exists()  # the other files are still fetched
 
 
-def test_unknown_argument():
-    result = run("--dataset", "refcocog")
-    assert result.returncode == 1 and "unknown argument: --dataset" in result.stderr
+def test_unknown_argument_or_dataset():
+    result = run("--datset", "refcocog")
+    assert result.returncode == 1 and "unknown argument: --datset" in result.stderr
+    result = run("--dataset", "refclef")
+    assert result.returncode == 1 and "--dataset refclef: choose refcoco, refcoco+ or refcocog" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def refcocog_root(tmp_path_factory):
+    """A generated RefCOCOg root with its features under 12-in-1's names, as datasets.tar.gz holds them."""
+    root = make_demo_dataset(tmp_path_factory.mktemp("refcocog"), dataset="refcocog", layout="mt", seed=0,
+                             num_train_images=12, num_val_images=4, num_test_images=4)
+    for beta, twelve in zip(feature_files("refcocog", "beta"), feature_files("refcocog", "12in1")):
+        (root / twelve).parent.mkdir(exist_ok=True)
+        (root / beta).rename(root / twelve)
+    return root
+
+
+def test_check_audits_the_layout_of_each_dataset(refcocog_root, tmp_path):
+    result = run("--check", "--dataset", "refcocog", "--dataroot", str(refcocog_root))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "refcocog, umd splits: train, val, test" in result.stdout
+    assert "All files present and readable." in result.stdout
+    assert "refcocog_umd/refcocog_resnext152_faster_rcnn_genome.lmdb/" in result.stdout
+    assert "multi_task_model.bin" in result.stdout and "config/refcocog.yml" in result.stdout
+    empty = run("--check", "--dataset", "refcoco", "--dataroot", str(tmp_path))
+    assert empty.returncode == 1
+    for entry in ("refcoco/refs(unc).p", "refcoco/instances.json", *feature_files("refcoco", "12in1")):
+        assert f"MISSING  {tmp_path / entry}" in empty.stdout
+    assert f"run `bash download_dataset.sh --dataset refcoco --dataroot {tmp_path}`" in empty.stdout
+
+
+@needs_downloader
+def test_refcocog_comes_from_the_12in1_archive_and_only_it_is_extracted(mirror, refcocog_root, demo_root, tmp_path):
+    served, url = mirror
+    with tarfile.open(served / "datasets.tar.gz", "w:gz") as tar:  # 12-in-1's layout: datasets/refcoco/...
+        tar.add(refcocog_root / "refcocog", "datasets/refcoco/refcocog")
+        tar.add(refcocog_root / "refcocog_umd", "datasets/refcoco/refcocog_umd")
+        tar.add(demo_root / "refcoco+", "datasets/refcoco/refcoco+")  # another dataset: must stay in the archive
+    target = tmp_path / "data"
+    result = run("--dataset", "refcocog", "--dataroot", str(target), "--mirror", url)
+    assert result.returncode == 0, result.stdout + result.stderr
+    size = (served / "datasets.tar.gz").stat().st_size
+    assert "exist only in 12-in-1's datasets.tar.gz" in result.stdout and f"({size} bytes" in result.stdout
+    assert sorted(p.name for p in target.iterdir()) == ["datasets.tar.gz", "refcocog", "refcocog_umd"]
+    refs = Path("refcocog", "refs(umd).p")
+    assert (target / refs).read_bytes() == (refcocog_root / refs).read_bytes()
+    assert "All files present and readable." in result.stdout
+    again = run("--dataset", "refcocog", "--dataroot", str(target), "--mirror", url)
+    assert again.returncode == 0 and "datasets.tar.gz: already downloaded, skipped" in again.stdout

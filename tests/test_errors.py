@@ -20,7 +20,7 @@ import vilbert.training
 from training_support import PROJECT, TEST_MODEL, make_tiny_root, read_metrics, run_flags
 from vilbert.checkpoint import save_checkpoint
 from vilbert.config import ViLBertConfig
-from vilbert.demo_data import DETECTED_LMDB
+from vilbert.demo_data import DETECTED_LMDB, make_demo_dataset
 from vilbert.model import VILBertForVLTasks
 from vilbert.options import OptionsError, RunOptions
 from vilbert.training import train_loader
@@ -77,6 +77,41 @@ def test_missing_refs_file(broken_root, tmp_path):
 def test_demo_flag_with_a_root_that_is_not_the_demo_one(tmp_path):
     message = one_line_error(train.main, ["--demo", "--dataroot", str(tmp_path / "nothing")])
     assert "has no refcoco+/refs(unc).p" in message and f"{DOWNLOAD} --check" in message
+
+
+def test_demo_dataset_missing_from_the_given_root(root, tmp_path):
+    message = one_line_error(train.main, ["--demo", "--dataroot", str(root), "--dataset", "refcocog"])
+    assert f"--dataroot {root} has no refcocog/refs(umd).p" in message
+    assert f"{DOWNLOAD} --check --dataset refcocog --dataroot {root}" in message
+
+
+@pytest.mark.parametrize("name, damage, problem", [
+    ("refs(unc).p", lambda data: data[:len(data) // 2], "is truncated"),
+    ("refs(unc).p", lambda data: b"<!DOCTYPE html><html>Sign in</html>", "is an HTML page, not a pickle"),
+    ("instances.json", lambda data: data[:len(data) // 2], "is truncated"),
+    ("instances.json", lambda data: b"\x89PNG\r\n", "is not JSON"),
+])
+def test_damaged_annotations(broken_root, tmp_path, name, damage, problem):
+    path = broken_root / "refcoco+" / name
+    path.write_bytes(damage(path.read_bytes()))
+    message = one_line_error(train.main, run_flags(broken_root, tmp_path / "out"))
+    assert message.startswith(f"error: {path} {problem}") and f"{DOWNLOAD} --dataset refcoco+" in message
+
+
+def test_unknown_split_names_the_splits_that_exist(root, checkpoint, tmp_path):
+    flags = run_flags(root, tmp_path / "out") + ["--from_pretrained", str(checkpoint)]
+    message = one_line_error(eval_script.main, flags + ["--split", "testC"])
+    assert message == "error: refcoco+ (unc) has no split 'testC'; its splits are train, val, testA, testB"
+    message = one_line_error(eval_script.main, flags + ["--dataset", "refcocog", "--split", "testA"])
+    assert message == "error: refcocog (umd) has no split 'testA'; its splits are train, val, test"
+
+
+def test_split_without_expressions_names_the_splits_in_the_file(checkpoint, tmp_path):
+    no_tests = make_demo_dataset(tmp_path / "data", seed=0, num_train_images=4, num_val_images=2, num_test_images=0)
+    flags = run_flags(no_tests, tmp_path / "out") + ["--from_pretrained", str(checkpoint), "--split", "testA"]
+    message = one_line_error(eval_script.main, flags)
+    assert message == (f"error: split 'testA' of refcoco+ (unc) in {no_tests} holds no referring expressions; "
+                       "the splits there are train, val")
 
 
 def test_garbage_lmdb(broken_root, tmp_path):

@@ -1,15 +1,19 @@
 """Region features: both official LMDB layouts, the decoded cache, and every bad-input error."""
 
 import base64
+import functools
 import multiprocessing
 import os
 import pickle
+import shutil
+import time
 from pathlib import Path
 
 import lmdb
 import numpy as np
 import pytest
 
+from vilbert import features
 from vilbert.features import (FeatureCache, FeaturesError, ImageFeaturesReader, ImageNotInFeatures,
                               build_feature_cache, default_cache_path, open_features)
 
@@ -265,3 +269,80 @@ def test_cli_builds_the_default_cache(two_layouts, capsys):
     main([path, "--float16"])
     assert "float16 features" in capsys.readouterr().out
     assert open_features(path).dtype == np.float16
+
+
+def test_first_use_builds_the_float16_cache_and_later_ones_reuse_it(two_layouts, capsys):
+    path = two_layouts[0]["beta"]
+    assert isinstance(open_features(path), ImageFeaturesReader) and not default_cache_path(path).exists()
+    cache = open_features(path, build=True)
+    assert isinstance(cache, FeatureCache) and cache.dtype == np.float16
+    assert cache.path == str(default_cache_path(path))
+    assert "Building the float16 feature cache" in capsys.readouterr().out
+    built = os.stat(cache.path).st_mtime_ns
+    assert isinstance(open_features(path, build=True), FeatureCache)
+    assert capsys.readouterr().out == "" and os.stat(cache.path).st_mtime_ns == built  # reused, not rebuilt
+
+    data = os.path.join(path, "data.mdb")
+    os.utime(data, ns=(os.stat(data).st_atime_ns, os.stat(data).st_mtime_ns + 10**9))  # the LMDB changed
+    assert isinstance(open_features(path, build=True), FeatureCache)
+    assert "Building the float16 feature cache of" in capsys.readouterr().out  # stale: built again
+
+
+_real_build = features.build_feature_cache
+
+
+def _build_counting(log, path, *args, **kwargs):
+    with open(log, "a") as f:
+        f.write("build\n")
+    time.sleep(0.5)  # the other process arrives while this one builds
+    return _real_build(path, *args, **kwargs)
+
+
+def _ensure_in_child(path, queue):
+    queue.put(str(features.ensure_feature_cache(path, progress=False)))
+
+
+def test_processes_starting_together_build_once(two_layouts, tmp_path, monkeypatch, capsys):
+    path = two_layouts[0]["mt"]
+    log = tmp_path / "builds.log"
+    monkeypatch.setattr(features, "build_feature_cache", functools.partial(_build_counting, log))
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    children = [context.Process(target=_ensure_in_child, args=(path, queue)) for _ in range(2)]
+    for child in children:
+        child.start()
+    built = [queue.get(timeout=60) for _ in children]
+    for child in children:
+        child.join(timeout=60)
+        assert child.exitcode == 0
+    assert built == [str(default_cache_path(path))] * 2
+    assert log.read_text() == "build\n"  # one built, the other waited and read it
+    assert isinstance(FeatureCache(built[0], source=path), FeatureCache)
+
+
+def test_read_only_lmdb_folder_puts_the_cache_under_the_cache_folder(two_layouts, tmp_path, monkeypatch):
+    path = two_layouts[0]["beta"]
+    folder = os.path.dirname(path)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if os.fspath(p) == folder else real_access(p, mode))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    cache = open_features(path, build=True)
+    assert Path(cache.path).parent == tmp_path / "xdg" / "vilbert-paddle" / "features"
+    assert Path(cache.path) == features.fallback_cache_path(path) and not default_cache_path(path).exists()
+    assert open_features(path).path == cache.path  # found there by later runs, without building
+
+
+def test_not_enough_disk_space_is_one_clear_error(two_layouts, monkeypatch):
+    path = two_layouts[0]["beta"]
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(FeaturesError, match=r"not enough disk space for the feature cache .* needs about 0\.0 GiB "
+                                            r"and .* has 0\.0 GiB free; .* --no-build_feature_cache"):
+        open_features(path, build=True)
+    assert not default_cache_path(path).exists()
+
+
+def test_building_off_reads_the_lmdb(two_layouts):
+    path = two_layouts[0]["beta"]
+    assert isinstance(open_features(path, build=False), ImageFeaturesReader)
+    assert isinstance(open_features(path, cache=False, build=True), ImageFeaturesReader)
+    assert not default_cache_path(path).exists()

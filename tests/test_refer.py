@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pyutils.refer import REFER
+from pyutils.refer import REFER, AnnotationError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -215,7 +215,7 @@ def test_errors(tmp_path, demo_root):
     with pytest.raises(FileNotFoundError, match=r"refcoco\+/refs\(unc\)\.p not found.*bash download_dataset\.sh"):
         REFER(tmp_path, dataset="refcoco+")
     write_dataset(tmp_path, "refcoco+", "unc", [tiny_ref(0, 99, "val")], tiny_instances([]))
-    with pytest.raises(KeyError, match="annotation 99"):
+    with pytest.raises(AnnotationError, match="annotation 99"):
         REFER(tmp_path, dataset="refcoco+")
     (tmp_path / "refcoco+" / "instances.json").unlink()
     with pytest.raises(FileNotFoundError, match="instances.json not found"):
@@ -245,3 +245,84 @@ def test_import_is_light():
     code = "import sys, pyutils.refer; print(sorted({'matplotlib', 'pycocotools'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def copy_annotations(demo_root, tmp_path):
+    """A data root with a copy of the demo's RefCOCO+ annotations, to damage."""
+    folder = tmp_path / "refcoco+"
+    folder.mkdir()
+    for name in ("refs(unc).p", "instances.json"):
+        (folder / name).write_bytes((demo_root / "refcoco+" / name).read_bytes())
+    return folder
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda data: data[:len(data) // 2], "is truncated"),
+    (lambda data: b"", "is truncated"),
+    (lambda data: b"<!DOCTYPE html><html>Sign in</html>", "is an HTML page, not a pickle"),
+    (lambda data: b"PK\x03\x04 a zip file", "is not a pickle"),
+])
+def test_damaged_refs_file_is_one_clear_error(demo_root, tmp_path, damage, problem):
+    refs = copy_annotations(demo_root, tmp_path) / "refs(unc).p"
+    refs.write_bytes(damage(refs.read_bytes()))
+    with pytest.raises(AnnotationError) as error:
+        REFER(tmp_path, dataset="refcoco+")
+    message = str(error.value)
+    assert message.startswith(f"{refs} {problem}") and "\n" not in message
+    assert f"download_dataset.sh --dataset refcoco+ --dataroot {tmp_path}`" in message and "--check" in message
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda text: text[:len(text) // 2], "is truncated"),
+    (lambda text: "<!DOCTYPE html><html>Dropbox</html>", "is an HTML page, not JSON"),
+    (lambda text: "images: []", "is not JSON (Expecting value"),
+    (lambda text: json.dumps({"images": [], "annotations": []}), "has no categories list"),
+])
+def test_damaged_instances_file_is_one_clear_error(demo_root, tmp_path, damage, problem):
+    instances = copy_annotations(demo_root, tmp_path) / "instances.json"
+    instances.write_text(damage(instances.read_text()))
+    with pytest.raises(AnnotationError) as error:
+        REFER(tmp_path, dataset="refcoco+")
+    assert str(error.value).startswith(f"{instances} {problem}") and "download_dataset.sh" in str(error.value)
+
+
+def test_records_missing_fields_are_named(tmp_path):
+    ref = tiny_ref(0, 10, "val")
+    del ref["split"], ref["sentences"][0]["raw"]
+    write_dataset(tmp_path, "refcoco+", "unc", [ref], tiny_instances([[[0.0, 0.0, 4.0, 0.0, 4.0, 4.0]]]))
+    with pytest.raises(AnnotationError, match=r"refs are missing fields 'split' \(1 of 1\)"):
+        REFER(tmp_path, dataset="refcoco+")
+    ref["split"] = "val"
+    write_dataset(tmp_path, "refcoco+", "unc", [ref], tiny_instances([[[0.0, 0.0, 4.0, 0.0, 4.0, 4.0]]]))
+    with pytest.raises(AnnotationError, match=r"sentences are missing fields 'raw' \(1 of 1\)"):
+        REFER(tmp_path, dataset="refcoco+")
+    instances = tiny_instances([[[0.0, 0.0, 4.0, 0.0, 4.0, 4.0]]])
+    del instances["annotations"][0]["bbox"]
+    write_dataset(tmp_path, "refcoco+", "unc", [tiny_ref(0, 10, "val")], instances)
+    with pytest.raises(AnnotationError, match=r"instances.json: annotations are missing fields 'bbox'"):
+        REFER(tmp_path, dataset="refcoco+")
+
+
+class Payload:
+    """Pickles as a call of os.system that would create `marker`: what a malicious refs file could hold."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_refs_file_with_code_is_refused_and_the_code_never_runs(tmp_path):
+    marker = tmp_path / "payload_ran"
+    refs = [tiny_ref(0, 10, "val")]
+    refs[0]["sentences"][0]["raw"] = Payload(marker)  # hidden deep inside otherwise plain data
+    write_dataset(tmp_path, "refcoco+", "unc", refs, tiny_instances([[[0.0, 0.0, 4.0, 0.0, 4.0, 4.0]]]),
+                  dump=lambda obj: pickle.dumps(obj, protocol=2))
+    assert pickle.loads(pickle.dumps(Payload(tmp_path / "control"))) == 0 and (tmp_path / "control").exists()
+    with pytest.raises(AnnotationError) as error:
+        REFER(tmp_path, dataset="refcoco+")
+    refs_file = tmp_path / "refcoco+" / "refs(unc).p"
+    assert str(error.value).startswith(f"{refs_file}: refusing to unpickle global posix.system")
+    assert not marker.exists()

@@ -178,3 +178,27 @@ def test_fp16_loss_scale_is_saved_and_resumed(root, tmp_path, scaler_on_gpu, mon
     assert paddle.load(str(tmp_path / "parts" / "run" / "last.pdparams"), return_numpy=True)["scaler"]["incr_count"] == 8
     train.main(argv + ["--resume", "auto"])
     assert_same_run(tmp_path / "parts" / "run", tmp_path / "whole" / "run")
+
+
+class Payload:
+    """Pickles as a call of os.system that would create `marker`: a last.pdparams planted in a shared bucket."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_resume_refuses_a_checkpoint_that_would_run_code(root, tmp_path, uninterrupted):
+    marker = tmp_path / "payload_ran"
+    state = paddle.load(str(uninterrupted / "last.pdparams"))
+    state["best"] = {"val_accuracy": Payload(marker), "epoch": 0}  # one value among real weights
+    evil = tmp_path / "evil" / "last.pdparams"
+    evil.parent.mkdir()
+    paddle.save(state, str(evil))
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(flags(root, tmp_path / "out") + ["--resume", str(evil)])
+    message = str(exit_info.value)
+    assert message.startswith(f"error: {evil}: refusing to unpickle global posix.system") and "\n" not in message
+    assert not marker.exists()

@@ -134,3 +134,14 @@ def test_batch_padding_keeps_loss_and_choice(root, split):
     np.testing.assert_allclose(float(trim_loss), float(full_loss), rtol=1e-6)
     np.testing.assert_allclose(trim_logit.numpy(), full_logit[:, :regions].numpy(), rtol=1e-6, atol=1e-6)
     assert (trim_logit.squeeze(2).argmax(1).numpy() == full_logit.squeeze(2).argmax(1).numpy()).all()
+
+
+def test_datasets_build_the_float16_feature_cache_on_first_use_unless_told_not_to(tmp_path):
+    root = make_tiny_root(tmp_path / "data")
+    tokenizer = BertTokenizer()
+    off = build_dataset(RunOptions(dataroot=str(root), build_feature_cache=False), "train", tokenizer)
+    assert not list(root.glob("*.cache")) and off.det_features.dtype == np.float32  # the LMDB, no build
+    data = build_dataset(RunOptions(dataroot=str(root)), "train", tokenizer)
+    assert sorted(path.name for path in root.glob("*.cache")) == [
+        "refcoco+_gt_resnet101_faster_rcnn_genome.lmdb.cache", "refcoco+_resnet101_faster_rcnn_genome.lmdb.cache"]
+    assert data.det_features.dtype == data.gt_features.dtype == np.float16

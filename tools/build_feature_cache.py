@@ -1,5 +1,8 @@
 """Decode a region-feature LMDB once into a memory-mapped cache that training and evaluation read instead.
 
+train.py and eval.py build the float16 cache on first use by themselves; this builds one by hand (float32,
+say, or before a run).
+
     python tools/build_feature_cache.py data/referExpression/refcoco+_resnet101_faster_rcnn_genome.lmdb --float16
     python tools/build_feature_cache.py data/referExpression/refcoco+_gt_resnet101_faster_rcnn_genome.lmdb --float16
 

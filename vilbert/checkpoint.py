@@ -18,7 +18,6 @@ the 12-in-1 task token) when the checkpoint is a pretraining one that holds no t
 import collections
 import hashlib
 import os
-import pickle
 import re
 import zipfile
 from dataclasses import dataclass, field
@@ -26,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import paddle
+
+from pyutils.restricted_pickle import RestrictedUnpickler
 
 # ----------------------------------------------------------------------------------------------------
 # Official layout
@@ -157,24 +158,21 @@ ALLOWED_GLOBALS = {
 }
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
+class _RestrictedUnpickler(RestrictedUnpickler):
     """Unpickles only state_dict-shaped data: refuses every global outside ALLOWED_GLOBALS, torch storage
     types and INERT_CLASSES, so no pickled code can run."""
 
     def __init__(self, file, path):
-        super().__init__(file)
-        self.path = path
+        super().__init__(file, path, ALLOWED_GLOBALS, "a checkpoint holds only tensors and plain containers, so "
+                         "this file is not a checkpoint or is unsafe", error=CheckpointError)
         self.storages = {}  # key -> _StorageRef of every storage the pickle refers to
 
     def find_class(self, module, name):
-        if (module, name) in ALLOWED_GLOBALS:
-            return ALLOWED_GLOBALS[(module, name)]
         if module == "torch" and name in STORAGE_DTYPES:
             return _StorageType(name)
         if (module, name) in INERT_CLASSES:
             return _Inert
-        raise CheckpointError(f"{self.path}: refusing to unpickle global {module}.{name}: a checkpoint holds "
-                              "only tensors and plain containers, so this file is not a checkpoint or is unsafe")
+        return super().find_class(module, name)
 
     def persistent_load(self, pid):
         # zip: ('storage', storage type, key, location, numel); legacy adds view metadata, None since torch 0.4
@@ -222,6 +220,36 @@ def read_checkpoint(path) -> Checkpoint:
     else:
         source = "paddle-port" if any(PORT_ONLY.match(key) for key in state) else "paddle"
     return Checkpoint(state, source, container, notes)
+
+
+def read_training_state(path) -> dict:
+    """A resumable `last.pdparams` (model, optimizer, epoch, best, options), read by the same restricted
+    unpickler as every checkpoint: `paddle.load` would run any code pickled into it. Tensors come back as numpy
+    arrays (paddle.save stores each as an (internal name, array) pair), which `set_state_dict` takes as they are."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    with open(path, "rb") as f:
+        state = _plain_tree(_load(_RestrictedUnpickler(f, path), path), path)
+    missing = [key for key in ("model", "optimizer", "epoch", "best")
+               if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise CheckpointError(f"{path}: not a resumable checkpoint of train.py (no {', '.join(missing)}); resume "
+                              "from a run's last.pdparams, or start the run with --from_pretrained")
+    return state
+
+
+def _plain_tree(obj, path: Path):
+    """`obj` with paddle.save's (name, array) pairs replaced by their arrays; torch tensors are refused."""
+    if isinstance(obj, dict):
+        return type(obj)((key, _plain_tree(value, path)) for key, value in obj.items())
+    if isinstance(obj, tuple) and len(obj) == 2 and isinstance(obj[0], str) and isinstance(obj[1], np.ndarray):
+        return obj[1]
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_plain_tree(value, path) for value in obj)
+    if isinstance(obj, (_TensorRef, _StorageRef, _Inert)):
+        raise CheckpointError(f"{path}: holds a torch tensor or training object, not the state train.py saves")
+    return obj
 
 
 def _read_torch_zip(path: Path, notes: list) -> dict:

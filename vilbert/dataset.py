@@ -25,7 +25,7 @@ from typing import Dict, List
 import numpy as np
 import paddle
 
-from pyutils.refer import REFER
+from pyutils.refer import REFER, AnnotationError
 
 from .features import FeatureReader
 from .fileio import atomic_path
@@ -67,7 +67,7 @@ def tokenize_expression(tokenizer: BertTokenizer, caption: str, max_seq_length: 
     return ([tokenizer.cls_token_id] + pieces + [tokenizer.sep_token_id])[:max_seq_length]
 
 
-def collate(batch: List[Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
+def collate(batch: List[Dict[str, np.ndarray]], empty=np.empty) -> Dict[str, np.ndarray]:
     """Samples -> one dict of numpy arrays (for `paddle.io.DataLoader(collate_fn=collate)`).
 
     Padding is decided here, once per batch: regions are zero-padded to the most regions any sample has, and
@@ -75,22 +75,43 @@ def collate(batch: List[Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
     max_seq_length). Padded regions have image_mask 0 and target 0, so they add exactly 0 to the loss and are
     never chosen; padded tokens are only ever masked keys; the outputs on real rows are the same. Adds the
     all-zero co_attention_mask [B, R, T] the official batch carries.
+
+    A sample's features may be a tuple of row blocks (`ReferExpressionDataset.sample`: views of the feature
+    readers' rows), copied here once, straight into the batch. `empty(shape, dtype)` allocates every batch
+    array: the loader's allocates them in the host memory the device copy reads (`vilbert.loader`).
     """
-    regions = max(len(sample["image_mask"]) for sample in batch)
+    size = len(batch)
+    counts = np.array([len(sample["image_mask"]) for sample in batch])
+    regions = int(counts.max())
     tokens = max(max(int(sample["input_mask"].sum()) for sample in batch), 1)
+    real = np.arange(regions) < counts[:, None]  # [B, R]: the rows that hold a region
     out = {}
-    for key in batch[0]:
-        if key in REGION_ARRAYS:
-            first = batch[0][key]
-            out[key] = np.zeros((len(batch), regions) + first.shape[1:], first.dtype)
-            for row, sample in zip(out[key], batch):
-                row[:len(sample[key])] = sample[key]
+    for key, first in batch[0].items():
+        if key == "features":
+            blocks = _blocks(first)
+            array = out[key] = empty((size, regions, blocks[0].shape[1]), np.result_type(*blocks))
+            for row, sample in zip(array, batch):
+                start = 0
+                for block in _blocks(sample[key]):
+                    row[start:start + len(block)] = block
+                    start += len(block)
+                row[start:] = 0
+        elif key in REGION_ARRAYS:
+            array = out[key] = empty((size, regions) + first.shape[1:], first.dtype)
+            array[real] = np.concatenate([sample[key] for sample in batch])
+            array[~real] = 0
         elif key in TOKEN_ARRAYS:
-            out[key] = np.stack([sample[key][:tokens] for sample in batch])
+            out[key] = np.stack([sample[key][:tokens] for sample in batch], out=empty((size, tokens), first.dtype))
         else:
-            out[key] = np.stack([sample[key] for sample in batch])
-    out["co_attention_mask"] = np.zeros((len(batch), regions, out["input_ids"].shape[1]), np.float32)
+            first = np.asarray(first)
+            out[key] = np.stack([sample[key] for sample in batch], out=empty((size,) + first.shape, first.dtype))
+    out["co_attention_mask"] = empty((size, regions, tokens), np.float32)
+    out["co_attention_mask"][...] = 0
     return out
+
+
+def _blocks(features) -> tuple:
+    return features if isinstance(features, tuple) else (features,)
 
 
 class ReferExpressionDataset(paddle.io.Dataset):
@@ -174,8 +195,9 @@ class ReferExpressionDataset(paddle.io.Dataset):
             for sent, sent_id in zip(ref["sentences"], ref["sent_ids"]):
                 rows.append((sent["raw"], sent_id, ref["ref_id"], ref["image_id"], ref_box))
         if not rows:
-            raise ValueError(f"split {self.split!r} of {self.dataset} ({self.splitBy}) in {self.dataroot} holds no "
-                             f"referring expressions")
+            present = ", ".join(dict.fromkeys(ref["split"] for ref in refer.data["refs"]))
+            raise AnnotationError(f"split {self.split!r} of {self.dataset} ({self.splitBy}) in {self.dataroot} holds "
+                                  f"no referring expressions; the splits there are {present}")
         tokens = [tokenize_expression(tokenizer, row[0], self.max_seq_length, self.tokenization) for row in rows]
         input_ids = np.full((len(rows), self.max_seq_length), tokenizer.pad_token_id, np.int64)
         for i, ids in enumerate(tokens):
@@ -215,16 +237,27 @@ class ReferExpressionDataset(paddle.io.Dataset):
         return len(self._sent_id)
 
     def __getitem__(self, index: int) -> Dict[str, np.ndarray]:
+        sample = self.sample(index)
+        sample["features"] = np.concatenate(sample["features"])
+        return sample
+
+    def sample(self, index: int) -> Dict:
+        """`self[index]`, except that features is a tuple of row blocks: views of the feature readers' rows
+        (of the memory-mapped cache, or of a freshly decoded record), which `collate` copies into the batch
+        directly, so each feature byte is copied once on its way to the device."""
         regions = self.max_region_num
         image_id = self._image_id[index]
         det = self.det_features[image_id]
-        gt = self.gt_features[image_id] if self.mixes_gt else None
         num_det = min(det.num_boxes, regions)
         # gt rows after all detections, without gt row 0: min(n + gn - 1, R) rows in all
+        gt = self.gt_features[image_id] if self.mixes_gt else None
         num_gt = 0 if gt is None else min(gt.num_boxes - 1, regions - num_det)
-        parts = [(det, slice(0, num_det))] + ([(gt, slice(1, 1 + num_gt))] if num_gt else [])
-        features, spatials, boxes = (np.concatenate([getattr(source, field)[rows] for source, rows in parts])
-                                     for field in ("features", "spatials", "boxes"))
+        features = (det.features[:num_det],)
+        spatials, boxes = det.spatials[:num_det], det.boxes[:num_det]
+        if num_gt:
+            features += (gt.features[1:1 + num_gt],)
+            spatials = np.concatenate([spatials, gt.spatials[1:1 + num_gt]])
+            boxes = np.concatenate([boxes, gt.boxes[1:1 + num_gt]])
         # IoU of the kept rows only: the same as 12-in-1's `target[:mix_num] = mix_target[:mix_num]`; beta
         # assigns the uncut mix_target and would crash when rows are cut.
         target = iou_plus_one(boxes, self._ref_box[index])

@@ -1,4 +1,5 @@
-"""A small generated RefCOCO+ in the official on-disk layout, for the demo, the tests and the benchmarks.
+"""A small generated RefCOCO+ (or RefCOCO, RefCOCOg) in the official on-disk layout, for the demo, the tests and
+the benchmarks.
 
 Every file is in the format the official code reads, so the whole pipeline runs on it unchanged
 (`bash download_dataset.sh --check --dataroot ROOT` audits it like the real data):
@@ -8,36 +9,40 @@ Every file is in the format the official code reads, so the whole pipeline runs 
     <root>/refcoco+_resnet101_faster_rcnn_genome.lmdb/        detected boxes and their features
     <root>/refcoco+_gt_resnet101_faster_rcnn_genome.lmdb/     the referred objects' boxes and features
 
+`dataset='refcoco'` or `'refcocog'` writes that dataset's files instead (`refcocog/refs(umd).p`,
+`refcocog_resnet101_faster_rcnn_genome.lmdb`, ...: vilbert_beta's naming), so all three can share one root.
+
 `layout='beta'` writes the LMDB records of vilbert_beta (str fields, base64 float32 arrays, with `cls_prob`);
 `layout='mt'` those of vilbert-multi-task (ints, float32 numpy arrays). The paths are the same for both.
+`region_files` also writes the detected regions as the feature extractors do (`vilbert/extractor_outputs.py`):
+`<root>/regions/detected.tsv`, `<root>/regions/npy/<image_id>.npy`, `<root>/regions/npz/<image_id>.npz`.
 
 The task is learnable by a small model trained from scratch: each image holds 4-8 objects with a colour and
 a kind; an expression names what singles its object out (usually colour and kind, as other objects share
 one of them); a region's feature vector carries its object's colour and kind as scaled one-hot blocks plus
 noise. Detections are the objects' boxes jittered (IoU > 0.5 with their object) plus unrelated boxes, so the
-best possible accuracy is 100% and chance is about 1 / number of boxes. Splits follow RefCOCO+: train, val,
-testA (people are referred to) and testB (other objects are), with disjoint images. Image ids are >= 600000,
+best possible accuracy is 100% and chance is about 1 / number of boxes. Splits are the dataset's, with disjoint
+images: train, val, testA (people are referred to) and testB (other objects are); RefCOCOg (umd): train, val
+and test (any object). Image ids are >= 600000,
 outside COCO train2014, so no real image is mistaken for a generated one.
 """
 
-import base64
 import json
-import os
 import pickle
-import shutil
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
-import lmdb
 import numpy as np
 
 from .dataset import iou_plus_one
+from .extractor_outputs import FORMATS, WRITERS
+from .feature_lmdb import FeatureLMDBWriter, ImageRegions, encode_record
 from .fileio import atomic_write
+from .refer_datasets import DATASETS, feature_files
 
-DATASET_DIR = "refcoco+"
-REFS_FILE = "refs(unc).p"
-DETECTED_LMDB = "refcoco+_resnet101_faster_rcnn_genome.lmdb"
-GT_LMDB = "refcoco+_gt_resnet101_faster_rcnn_genome.lmdb"
+DETECTED_LMDB, GT_LMDB = feature_files("refcoco+", "beta")  # the default dataset's
+REGIONS_DIR = "regions"
+REGION_FILES = {"tsv": "detected.tsv", "npy": "npy", "npz": "npz"}  # format -> file or folder in REGIONS_DIR
 LAYOUTS = ("beta", "mt")
 
 
@@ -80,54 +85,72 @@ FIRST_IMAGE_ID = 600_000  # COCO train2014 ids end at 581929
 FIRST_ANN_ID = 3_000_000
 
 
-def make_demo_dataset(root, *, seed: int = 0, layout: str = "beta", num_train_images: int = 600,
-                      num_val_images: int = 150, num_test_images: int = 60) -> Path:
-    """Write the generated data root (deterministic in `seed`) and return its path.
+def make_demo_dataset(root, *, dataset: str = "refcoco+", seed: int = 0, layout: str = "beta",
+                      num_train_images: int = 600, num_val_images: int = 150, num_test_images: int = 60,
+                      max_detections: int = 0, region_files: Sequence[str] = ()) -> Path:
+    """Write the generated data of `dataset` into the root (deterministic in `seed`) and return its path.
 
-    num_test_images is per test split (testA and testB each). refs(unc).p is written last, so its presence
-    means the root is complete. A few seconds for the default size (~870 images, ~180 MB in beta layout).
+    num_test_images is per test split (testA and testB each; RefCOCOg's test). The refs file is written last,
+    so its presence means the dataset is complete. A few seconds for the default size (~870 images, ~180 MB
+    in beta layout). max_detections > 0 adds background boxes anywhere in the image, up to a count drawn
+    uniformly from [the image's own count, max_detections], as real detectors return up to 100 (RefCOCO+-sized
+    data for benchmarks: 20,000 images at max_detections=100 are about 24 GB in beta layout). Records are
+    written as they are made, so memory stays small at any size. region_files: formats of
+    `vilbert.extractor_outputs.FORMATS` to also write the detected regions in (`<root>/regions/`; these are
+    kept in memory until the end).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r} must be one of {LAYOUTS}")
+    if dataset not in DATASETS:
+        raise ValueError(f"dataset={dataset!r} must be one of {', '.join(DATASETS)}")
+    if set(region_files) - set(FORMATS):
+        raise ValueError(f"region_files={region_files!r}: the formats are {FORMATS}")
     if num_train_images < 1 or num_val_images < 0 or num_test_images < 0:
         raise ValueError("need num_train_images >= 1 and num_val_images, num_test_images >= 0")
     root = Path(root)
     rng = np.random.default_rng(seed)
+    spec = DATASETS[dataset]
+    test_splits = [split for split in spec.splits if split not in ("train", "val")]
     splits = (["train"] * num_train_images + ["val"] * num_val_images
-              + ["testA"] * num_test_images + ["testB"] * num_test_images)
+              + [split for split in test_splits for _ in range(num_test_images)])
     splits = [splits[i] for i in rng.permutation(len(splits))]  # interleaved, as in the real refs file
     image_ids = FIRST_IMAGE_ID + np.sort(rng.choice(400_000, size=len(splits), replace=False))
 
-    images, annotations, refs, detected, gt = [], [], [], {}, {}
+    images, annotations, refs = [], [], []
     num_sentences = 0
-    for image_id, split in zip(image_ids.tolist(), splits):
-        width, height = IMAGE_SIZES[rng.integers(len(IMAGE_SIZES))]
-        colours, kinds, boxes, referents, free_cells = _scene(rng, split, width, height)
-        ann_ids = [FIRST_ANN_ID + len(annotations) + i for i in range(len(boxes))]
-        images.append(_image(image_id, width, height))
-        annotations.extend(_annotation(rng, ann_id, image_id, KINDS[kind].category_id, box)
-                           for ann_id, kind, box in zip(ann_ids, kinds, boxes))
-        for number, index in enumerate(referents):
-            sentences = []
-            for _ in range(rng.integers(2, 5)):
-                raw, sent = _sentence(rng, index, colours, kinds)
-                sentences.append({"tokens": sent.split(), "raw": raw, "sent_id": num_sentences, "sent": sent})
-                num_sentences += 1
-            refs.append({"sent_ids": [s["sent_id"] for s in sentences],
-                         "file_name": f"COCO_train2014_{image_id:012d}_{number + 1}.jpg",
-                         "ann_id": ann_ids[index], "ref_id": len(refs), "image_id": image_id, "split": split,
-                         "category_id": KINDS[kinds[index]].category_id, "sentences": sentences})
-        key = str(image_id).encode()
-        detected[key] = _detections(rng, image_id, width, height, colours, kinds, boxes, free_cells, layout)
-        gt[key] = _record(rng, image_id, width, height, [_xyxy(boxes[i]) for i in referents],
-                          [colours[i] for i in referents], [kinds[i] for i in referents], layout)
+    detected_lmdb, gt_lmdb = feature_files(dataset, "beta")
+    kept = []  # the detected regions, for region_files
+    with FeatureLMDBWriter(root / detected_lmdb) as detected, FeatureLMDBWriter(root / gt_lmdb) as gt:
+        for image_id, split in zip(image_ids.tolist(), splits):
+            width, height = IMAGE_SIZES[rng.integers(len(IMAGE_SIZES))]
+            colours, kinds, boxes, referents, free_cells = _scene(rng, split, width, height)
+            ann_ids = [FIRST_ANN_ID + len(annotations) + i for i in range(len(boxes))]
+            images.append(_image(image_id, width, height))
+            annotations.extend(_annotation(rng, ann_id, image_id, KINDS[kind].category_id, box)
+                               for ann_id, kind, box in zip(ann_ids, kinds, boxes))
+            for number, index in enumerate(referents):
+                sentences = []
+                for _ in range(rng.integers(2, 5)):
+                    raw, sent = _sentence(rng, index, colours, kinds)
+                    sentences.append({"tokens": sent.split(), "raw": raw, "sent_id": num_sentences, "sent": sent})
+                    num_sentences += 1
+                refs.append({"sent_ids": [s["sent_id"] for s in sentences],
+                             "file_name": f"COCO_train2014_{image_id:012d}_{number + 1}.jpg",
+                             "ann_id": ann_ids[index], "ref_id": len(refs), "image_id": image_id, "split": split,
+                             "category_id": KINDS[kinds[index]].category_id, "sentences": sentences})
+            regions = _detections(rng, image_id, width, height, colours, kinds, boxes, free_cells, max_detections)
+            detected.put(image_id, encode_record(regions, layout))
+            kept += [regions] if region_files else []
+            referred = _regions(rng, image_id, width, height, [_xyxy(boxes[i]) for i in referents],
+                                [colours[i] for i in referents], [kinds[i] for i in referents])
+            gt.put(image_id, encode_record(referred, layout))
+    for fmt in region_files:
+        WRITERS[fmt](root / REGIONS_DIR / REGION_FILES[fmt], kept)
 
-    data_dir = root / DATASET_DIR
+    data_dir = root / dataset
     data_dir.mkdir(parents=True, exist_ok=True)
-    _write_lmdb(root / DETECTED_LMDB, detected)
-    _write_lmdb(root / GT_LMDB, gt)
     instances = {
-        "info": {"description": "ViLBERT-Paddle generated RefCOCO+-format demo data", "version": "1.0",
+        "info": {"description": f"ViLBERT-Paddle generated {dataset}-format demo data", "version": "1.0",
                  "year": 2024, "contributor": "vilbert/demo_data.py", "date_created": "2024-01-01",
                  "seed": seed},
         "images": images,
@@ -137,7 +160,7 @@ def make_demo_dataset(root, *, seed: int = 0, layout: str = "beta", num_train_im
                        for cid, name, sup in sorted({(k.category_id, k.category, k.supercategory) for k in KINDS})],
     }
     atomic_write(data_dir / "instances.json", json.dumps(instances).encode())
-    atomic_write(data_dir / REFS_FILE, pickle.dumps(refs, protocol=2))
+    atomic_write(data_dir / f"refs({spec.splitBy}).p", pickle.dumps(refs, protocol=2))
     return root
 
 
@@ -199,29 +222,19 @@ def _features(rng, colour, kind):
     return feature
 
 
-def _record(rng, image_id, width, height, boxes, colours, kinds, layout):
-    """One LMDB value in the chosen layout; colour/kind None marks a region that is no object."""
+def _regions(rng, image_id, width, height, boxes, colours, kinds):
+    """One image's regions; colour/kind None marks a region that is no object."""
     features = np.stack([_features(rng, c, k) for c, k in zip(colours, kinds)])
     boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
-    if layout == "mt":
-        record = {"image_id": image_id, "image_h": height, "image_w": width, "num_boxes": len(boxes),
-                  "boxes": boxes, "features": features}
-    else:
-        # A valid distribution over classes: most mass on the kind's class, class 0 (background) otherwise.
-        cls_prob = np.full((len(boxes), NUM_CLASSES), 0.1 / (NUM_CLASSES - 1), np.float32)
-        cls_prob[np.arange(len(boxes)), [0 if k is None else 1 + k for k in kinds]] = 0.9
-        record = {"image_id": str(image_id), "image_w": str(width), "image_h": str(height),
-                  "num_boxes": str(len(boxes)), "boxes": _b64(boxes), "features": _b64(features),
-                  "cls_prob": _b64(cls_prob)}
-    return pickle.dumps(record)
+    # A valid distribution over classes: most mass on the kind's class, class 0 (background) otherwise.
+    cls_prob = np.full((len(boxes), NUM_CLASSES), 0.1 / (NUM_CLASSES - 1), np.float32)
+    cls_prob[np.arange(len(boxes)), [0 if k is None else 1 + k for k in kinds]] = 0.9
+    return ImageRegions(image_id, width, height, boxes, features, cls_prob)
 
 
-def _b64(array):
-    return base64.b64encode(np.ascontiguousarray(array, np.float32).tobytes()).decode("ascii")
-
-
-def _detections(rng, image_id, width, height, colours, kinds, boxes, free_cells, layout):
-    """Each object's box jittered (IoU > 0.5 with it) plus 2-3 boxes in cells without objects, in random order."""
+def _detections(rng, image_id, width, height, colours, kinds, boxes, free_cells, max_detections=0):
+    """Each object's box jittered (IoU > 0.5 with it) plus 2-3 boxes in cells without objects, in random order;
+    with max_detections, background boxes anywhere up to a count drawn from [that count, max_detections]."""
     regions = []
     for colour, kind, box in zip(colours, kinds, boxes):
         x1, y1, x2, y2 = _xyxy(box)
@@ -234,8 +247,12 @@ def _detections(rng, image_id, width, height, colours, kinds, boxes, free_cells,
         regions.append((jittered, colour, kind))
     for cell in free_cells[:int(rng.integers(2, 4))]:
         regions.append((_xyxy(_box_in(rng, cell, 0.3, 0.9)), None, None))
+    if max_detections > len(regions):
+        whole_image = (0.0, 0.0, float(width), float(height))
+        for _ in range(int(rng.integers(len(regions), max_detections + 1)) - len(regions)):
+            regions.append((_xyxy(_box_in(rng, whole_image, 0.1, 0.9)), None, None))
     regions = [regions[i] for i in rng.permutation(len(regions))]
-    return _record(rng, image_id, width, height, *map(list, zip(*regions)), layout)
+    return _regions(rng, image_id, width, height, *map(list, zip(*regions)))
 
 
 def _sentence(rng, index, colours, kinds):
@@ -282,28 +299,3 @@ def _annotation(rng, ann_id, image_id, category_id, box):
     area = 0.5 * abs(float(np.dot(xs, np.roll(ys, -1)) - np.dot(ys, np.roll(xs, -1))))  # shoelace
     return {"segmentation": [polygon], "area": area, "iscrowd": 0, "image_id": image_id, "bbox": list(box),
             "category_id": category_id, "id": ann_id}
-
-
-def _write_lmdb(path: Path, records: dict) -> None:
-    """An LMDB folder (data.mdb, lock.mdb) of `records`, then b'keys' last as the official converters do.
-
-    Written in a temporary folder that replaces `path` at the end, so a reader never sees half of it.
-    """
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    # Values above a page go to overflow pages: room for each value rounded up to pages, plus slack.
-    map_size = sum(len(v) + 8192 for v in records.values()) * 2 + (64 << 20)
-    env = lmdb.open(str(tmp), map_size=map_size)
-    with env.begin(write=True) as txn:
-        for key, value in records.items():
-            txn.put(key, value)
-    with env.begin(write=True) as txn:
-        txn.put(b"keys", pickle.dumps(list(records)))
-    env.close()
-    if path.exists():
-        old = path.with_name(f"{path.name}.old-{os.getpid()}")
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, path)

@@ -14,6 +14,8 @@ from typing import Dict, List
 import numpy as np
 import paddle
 import paddle.distributed as dist
+
+from .dataset import collate
 from .metrics import rec_loss, rec_select
 from .progress import progress
 
@@ -183,15 +185,26 @@ def _gather(loss_sum: float, predictions: List[dict]):
 def score_regions(model, regions, input_ids: List[int], max_region_num: int, task_id: int = 0):
     """Logits [R] and pixel boxes [R, 4] of one image's first `max_region_num` regions (a `RegionFeatures`)
     for one tokenized expression: what predict.py prints and eval.py's pictures show."""
+    return score_expressions(model, [(regions, input_ids)], max_region_num, task_id)[0]
+
+
+@paddle.no_grad()
+def score_expressions(model, queries, max_region_num: int, task_id: int = 0):
+    """`score_regions` of every (RegionFeatures, token ids) query, run as one batch padded by `collate`."""
     model.eval()
-    boxes = regions.boxes[:max_region_num]
-    batch = {
-        "input_ids": paddle.to_tensor([input_ids], dtype="int64"),
-        "features": paddle.to_tensor(regions.features[None, :max_region_num]).astype("float32"),
-        "spatials": paddle.to_tensor(regions.spatials[None, :max_region_num]),
-        "segment_ids": paddle.zeros([1, len(input_ids)], "int64"),
-        "input_mask": paddle.ones([1, len(input_ids)], "int64"),
-        "image_mask": paddle.ones([1, len(boxes)], "int64"),
-    }
-    output = model(*(batch[k] for k in MODEL_INPUTS[:6]), task_ids=task_ids_for(batch, task_id, model))
-    return output.vision_logit[0, :, 0].astype("float32").numpy(), boxes
+    length = max(len(input_ids) for _, input_ids in queries)
+    samples = []
+    for regions, input_ids in queries:
+        kept = min(regions.num_boxes, max_region_num)
+        samples.append({
+            "features": regions.features[:kept], "spatials": regions.spatials[:kept],
+            "image_mask": np.ones(kept, np.int64),
+            "input_ids": np.pad(np.asarray(input_ids, np.int64), (0, length - len(input_ids))),
+            "input_mask": (np.arange(length) < len(input_ids)).astype(np.int64),
+            "segment_ids": np.zeros(length, np.int64)})
+    batch = {key: paddle.to_tensor(value) for key, value in collate(samples).items()}
+    batch["features"] = batch["features"].astype("float32")
+    output = model(*(batch[k] for k in MODEL_INPUTS), task_ids=task_ids_for(batch, task_id, model))
+    logits = output.vision_logit[:, :, 0].astype("float32").numpy()
+    return [(logits[i, :len(sample["image_mask"])], regions.boxes[:len(sample["image_mask"])])
+            for i, (sample, (regions, _)) in enumerate(zip(samples, queries))]

@@ -9,17 +9,27 @@ with a whitelist of globals (dicts and numpy arrays only), so a downloaded file 
 
 `FeatureCache` (built by `build_feature_cache`, CLI `tools/build_feature_cache.py`) stores what the reader
 returns, so lookups are slices of memory-mapped arrays. A float16 cache hands its features on as float16;
-the model side casts each batch to float32 once. `open_features` picks a valid cache, else the LMDB.
+the model side casts each batch to float32 once. `open_features` picks a valid cache, else builds one
+(`ensure_feature_cache`: float16, beside the LMDB or, when its folder is read-only, under the user's cache
+folder; one process builds while others wait on a file lock), else reads the LMDB.
+
+`stored_keys`, `read_stored`, `unpickle_record`, `record_layout` and `decode_record` expose the same steps record
+by record, for what writes and audits LMDBs (`vilbert/feature_lmdb.py`) and reads 12-in-1's pickled .npy files.
 """
 
 import binascii
+import contextlib
+import fcntl
+import hashlib
 import io
 import json
 import logging
 import os
 import pickle
+import shutil
 import struct
 import threading
+import time
 from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional, Union
 
@@ -125,7 +135,8 @@ class _RecordUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def _unpickle(data: bytes, what: str):
+def unpickle_record(data: bytes, what: str):
+    """`data` unpickled with `_RecordUnpickler`; any failure is a `FeaturesError` naming `what`."""
     try:
         return _RecordUnpickler(io.BytesIO(data)).load()
     except Exception as err:
@@ -145,26 +156,45 @@ def _lmdb_identity(path: str) -> tuple:
     return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
+def _environment(path: str, identity: tuple) -> "lmdb.Environment":
+    """This process's environment of the LMDB folder `path` (a realpath); the caller holds the lock."""
+    opened, env = _ENVIRONMENTS.get(path, (None, None))
+    if opened != identity:  # not open yet, or the files were replaced since
+        if env is not None:
+            env.close()
+        try:
+            env = lmdb.open(path, readonly=True, lock=False, readahead=False, meminit=False)
+        except lmdb.Error as err:
+            raise FeaturesError(f"{path} cannot be opened as an LMDB ({err}); {DOWNLOAD_HINT}") from None
+        # A truncated data.mdb is still mapped, and the first read past its end kills the process (SIGBUS).
+        needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+        if identity[2] < needed:
+            env.close()
+            raise FeaturesError(f"{path}/data.mdb is truncated ({identity[2]:,} bytes, the database needs "
+                                f"{needed:,}): the download was probably interrupted; {DOWNLOAD_HINT}")
+        _ENVIRONMENTS[path] = (identity, env)
+    return env
+
+
 def _read_lmdb(path: str, identity: tuple, key: bytes) -> Optional[bytes]:
     """The value of `key`, from this process's environment of the LMDB folder `path` (a realpath)."""
-    with _ENVIRONMENTS_LOCK:
-        opened, env = _ENVIRONMENTS.get(path, (None, None))
-        if opened != identity:  # not open yet, or the files were replaced since
-            if env is not None:
-                env.close()
-            try:
-                env = lmdb.open(path, readonly=True, lock=False, readahead=False, meminit=False)
-            except lmdb.Error as err:
-                raise FeaturesError(f"{path} cannot be opened as an LMDB ({err}); {DOWNLOAD_HINT}") from None
-            # A truncated data.mdb is still mapped, and the first read past its end kills the process (SIGBUS).
-            needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
-            if identity[2] < needed:
-                env.close()
-                raise FeaturesError(f"{path}/data.mdb is truncated ({identity[2]:,} bytes, the database needs "
-                                    f"{needed:,}): the download was probably interrupted; {DOWNLOAD_HINT}")
-            _ENVIRONMENTS[path] = (identity, env)
-        with env.begin() as txn:
-            return txn.get(key)
+    with _ENVIRONMENTS_LOCK, _environment(path, identity).begin() as txn:
+        return txn.get(key)
+
+
+def stored_keys(path) -> List[bytes]:
+    """Every key the LMDB folder `path` holds, b'keys' included, in LMDB order: what an audit walks."""
+    path = os.fspath(path)
+    _check_lmdb_dir(path)
+    with _ENVIRONMENTS_LOCK, _environment(os.path.realpath(path), _lmdb_identity(path)).begin() as txn:
+        return list(txn.cursor().iternext(keys=True, values=False))
+
+
+def read_stored(path, key: bytes) -> Optional[bytes]:
+    """The raw value of `key` in the LMDB folder `path`, None when there is none."""
+    path = os.fspath(path)
+    _check_lmdb_dir(path)
+    return _read_lmdb(os.path.realpath(path), _lmdb_identity(path), key)
 
 
 def _close_environments_before_fork() -> None:
@@ -213,7 +243,7 @@ class ImageFeaturesReader(_KeyedStore):
             raise FeaturesError(
                 f"{self.path} has no b'keys' record, which the official conversion writes last: the conversion "
                 f"or download was probably interrupted; convert or download it again")
-        keys = _unpickle(raw, f"the b'keys' record of {self.path}")
+        keys = unpickle_record(raw, f"the b'keys' record of {self.path}")
         if not isinstance(keys, list):
             raise FeaturesError(f"the b'keys' record of {self.path} is corrupt: a {type(keys).__name__}, not a list")
         self._keys: List[bytes] = [k.encode() if isinstance(k, str) else bytes(k) for k in keys]
@@ -227,10 +257,15 @@ class ImageFeaturesReader(_KeyedStore):
         what = f"the record of image id {image_id} in {self.path}"
         if raw is None:
             raise FeaturesError(f"{what} is listed in b'keys' but missing: the LMDB is incomplete; download it again")
-        return _decode(_unpickle(raw, what), what)
+        return decode_record(unpickle_record(raw, what), what)
 
 
-def _decode(item, what: str) -> RegionFeatures:
+def record_layout(item: dict) -> str:
+    """'mt' for a 12-in-1 record (numpy arrays), 'beta' for a vilbert_beta one (str fields, base64 arrays)."""
+    return "mt" if isinstance(item.get("features"), np.ndarray) else "beta"
+
+
+def decode_record(item, what: str) -> RegionFeatures:
     """A beta (str + base64) or 12-in-1 (ints + arrays) record -> RegionFeatures."""
     if not isinstance(item, dict):
         raise FeaturesError(f"{what} is corrupt: a {type(item).__name__}, not a dict")
@@ -242,7 +277,7 @@ def _decode(item, what: str) -> RegionFeatures:
     except (TypeError, ValueError):
         raise FeaturesError(f"{what} is corrupt: image_w/image_h {item['image_w']!r}/{item['image_h']!r} "
                             f"are not integers") from None
-    if isinstance(item["features"], np.ndarray):  # 12-in-1: the box count is the array's
+    if record_layout(item) == "mt":  # 12-in-1: the box count is the array's
         features = _array(item["features"], FEATURE_DIM, "features", what)
         boxes = _array(item["boxes"], 4, "boxes", what)
         if len(boxes) != len(features):
@@ -299,6 +334,7 @@ def build_feature_cache(lmdb_path, out=None, *, float16: bool = False, progress:
     signature = lmdb_signature(lmdb_path)
     out = Path(out) if out else default_cache_path(lmdb_path)
     dtype = np.dtype(np.float16 if float16 else np.float32)
+    _check_disk_space(reader, out, dtype)
     index, spatials, boxes, rows = [], [], [], 0
     with atomic_path(out) as tmp, open(tmp, "wb") as f:
         f.write(b"\0" * CACHE_ALIGN)
@@ -329,6 +365,21 @@ def build_feature_cache(lmdb_path, out=None, *, float16: bool = False, progress:
         f.flush()
         os.fsync(f.fileno())
     return out
+
+
+def _check_disk_space(reader: ImageFeaturesReader, out: Path, dtype: np.dtype) -> None:
+    """Refuses to start a cache that will not fit. Its size is estimated from the boxes of up to 64 records
+    spread over the LMDB (the record sizes say little: beta's are base64 with class scores), plus 10%."""
+    keys = reader.keys()
+    sample = keys[::max(1, len(keys) // 64)]
+    rows = sum(reader[key.decode()].num_boxes for key in sample) / len(sample) * len(keys)
+    needed = int(1.1 * (rows * (FEATURE_DIM * dtype.itemsize + 36) + len(keys) * 48)) + (1 << 20)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(out.parent).free
+    if free < needed:
+        raise FeaturesError(f"not enough disk space for the feature cache {out}: it needs about {needed / 2**30:.1f} "
+                            f"GiB and {out.parent} has {free / 2**30:.1f} GiB free; free some space, or read the "
+                            f"LMDB directly, more slowly, with --no-build_feature_cache")
 
 
 class FeatureCache(_KeyedStore):
@@ -409,27 +460,80 @@ class FeatureCache(_KeyedStore):
 FeatureReader = Union[ImageFeaturesReader, FeatureCache]
 
 
-def open_features(path, cache: Union[bool, str, os.PathLike, None] = True) -> FeatureReader:
+def fallback_cache_path(lmdb_path) -> Path:
+    """Where the cache of an LMDB in a read-only folder goes: `$XDG_CACHE_HOME` (default ~/.cache)
+    /vilbert-paddle/features/<LMDB folder name>-<hash of its real path>.cache."""
+    real = os.path.realpath(os.fspath(lmdb_path))
+    folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vilbert-paddle" / "features"
+    return folder / f"{os.path.basename(real)}-{hashlib.sha256(real.encode()).hexdigest()[:12]}{CACHE_SUFFIX}"
+
+
+def ensure_feature_cache(lmdb_path, progress: bool = True) -> Path:
+    """The path of a valid float16 cache of the LMDB, built first if there is none or it is stale.
+
+    Built beside the LMDB when its folder is writable, else at `fallback_cache_path`. Processes that start
+    together (several runs, or the ranks of a distributed run on one machine) take a file lock: the first
+    builds, the others wait and then read what it built; the file appears only complete (atomic rename).
+    """
+    lmdb_path = os.fspath(lmdb_path)
+    beside = default_cache_path(lmdb_path)
+    target = beside if os.access(beside.parent, os.W_OK) else fallback_cache_path(lmdb_path)
+    with _build_lock(target):
+        try:
+            FeatureCache(target, source=lmdb_path)
+            return target  # built by another process while this one waited
+        except FileNotFoundError:
+            reason = "once; later runs reuse it"
+        except FeaturesError as err:
+            reason = f"again: {err}"
+        print(f"Building the float16 feature cache of {lmdb_path} at {target} ({reason})", flush=True)
+        started = time.time()
+        build_feature_cache(lmdb_path, target, float16=True, progress=progress)
+        print(f"Built {target} ({target.stat().st_size / 2**30:.2f} GiB) in {time.time() - started:.0f} s", flush=True)
+    return target
+
+
+@contextlib.contextmanager
+def _build_lock(target: Path):
+    """An exclusive lock (flock) on the file `.<target name>.lock` beside `target`, held for the block."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_name(f".{target.name}.lock"), "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"Waiting for another process to finish building {target} ...", flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def open_features(path, cache: Union[bool, str, os.PathLike, None] = True, build: bool = False) -> FeatureReader:
     """The features of the LMDB folder `path`: from a valid decoded cache when there is one, else the LMDB.
 
-    cache=True looks for the cache next to the LMDB (`<path>.cache`) and falls back to the LMDB, with a
-    warning if that cache is stale or corrupt; a cache path given explicitly must exist and be valid;
-    cache=False or None always reads the LMDB.
+    cache=True looks for the cache next to the LMDB (`<path>.cache`), then at `fallback_cache_path`; with
+    build=True a missing or stale one is built (`ensure_feature_cache`), else the LMDB is read, with a warning
+    if a cache is stale or corrupt. A cache path given explicitly must exist and be valid; cache=False or None
+    always reads the LMDB.
     """
     path = os.fspath(path)
     if not cache:
         return ImageFeaturesReader(path)
-    explicit = cache is not True
-    cache_path = os.fspath(cache) if explicit else str(default_cache_path(path))
-    if not os.path.exists(cache_path):
-        if explicit:
-            raise FileNotFoundError(f"feature cache {cache_path} not found; build it with "
-                                    f"`python tools/build_feature_cache.py {path} --out {cache_path}`")
-        return ImageFeaturesReader(path)
-    try:
-        return FeatureCache(cache_path, source=path)
-    except FeaturesError as err:
-        if explicit:
-            raise
-        log.warning("%s. Reading the LMDB instead.", err)
-        return ImageFeaturesReader(path)
+    if cache is not True:
+        if not os.path.exists(cache):
+            raise FileNotFoundError(f"feature cache {cache} not found; build it with "
+                                    f"`python tools/build_feature_cache.py {path} --out {cache}`")
+        return FeatureCache(cache, source=path)
+    problem = None
+    for cache_path in (default_cache_path(path), fallback_cache_path(path)):
+        if cache_path.exists():
+            try:
+                return FeatureCache(cache_path, source=path)
+            except FeaturesError as err:
+                problem = err
+    if build:
+        return FeatureCache(ensure_feature_cache(path), source=path)
+    if problem:
+        log.warning("%s. Reading the LMDB instead.", problem)
+    return ImageFeaturesReader(path)

@@ -15,7 +15,11 @@ from typing import List
 
 import yaml
 
+from pyutils.refer.refer import SPLITS_BY
+
 from .config import has_type, type_name
+from .feature_lmdb import EXTRACTORS
+from .refer_datasets import DATASETS, UnknownSplitError, check_split, follow_dataset
 from .tokenization import TOKENIZATIONS
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -32,18 +36,20 @@ class RunOptions:
     """Everything a run needs besides the model's own JSON config (`config_file`)."""
 
     # data (paths relative to `dataroot` unless absolute)
-    dataset: str = "refcoco+"
+    dataset: str = "refcoco+"  # refcoco, refcoco+ or refcocog: the options it implies follow --dataset
     splitBy: str = "unc"
     dataroot: str = "data/referExpression"
     features_h5path1: str = "refcoco+_resnet101_faster_rcnn_genome.lmdb"  # detected boxes
     features_h5path2: str = "refcoco+_gt_resnet101_faster_rcnn_genome.lmdb"  # ground-truth boxes (train only)
-    feature_cache: bool = True  # use a decoded cache built by tools/build_feature_cache.py when present
+    feature_cache: bool = True  # read the features from their decoded cache (vilbert/features.py)
+    build_feature_cache: bool = True  # build that cache (float16) on first use when missing or stale
     train_split: str = "train"
     val_split: str = "val"
     max_seq_length: int = 20
     max_region_num: int = 100
     tokenization: str = "beta"  # beta: [CLS] + pieces + [SEP], then cut; 12in1: pieces cut, then [CLS]/[SEP]
     bert_model: str = "bert-base-uncased"  # the shipped vocab, or a path to a vocab file
+    feature_extractor: str = "butd_resnet101"  # what made the training features (feature_lmdb.EXTRACTORS)
     # model
     config_file: str = "config/bert_base_6layer_6conect.json"
     from_pretrained: str = ""  # .bin (official), .pdparams (ours or the earlier Paddle port); empty: random init
@@ -65,7 +71,11 @@ class RunOptions:
     gradient_accumulation_steps: int = 1
     # running
     seed: int = 0
-    num_workers: int = 2
+    # Loader threads (vilbert/loader.py); the one default, used by every config. Threads, not processes:
+    # batches are mostly memcpy, which runs outside the GIL, and need no copy out of a worker. 4 measured fastest
+    # for both loaders at the real config, even on 2 cores (train 13,948 samples/s vs 10,351 with 1; Paddle's
+    # shared-memory processes ~2,000; bench/bench_loader.py, README Speed); a GPU box has cores to spare.
+    num_workers: int = 4
     device: str = "auto"  # auto: gpu when Paddle has CUDA, else cpu
     amp: str = "off"  # off, bf16, fp16
     deterministic: bool = False  # GPU: deterministic cuDNN and embedding-gradient kernels (repeatable runs, slower)
@@ -75,10 +85,22 @@ class RunOptions:
 
     def validate(self) -> None:
         problems = []
+        if self.dataset not in DATASETS:
+            problems.append(f"dataset={self.dataset!r} must be one of {', '.join(DATASETS)}")
+        elif self.splitBy not in SPLITS_BY[self.dataset]:
+            problems.append(f"splitBy={self.splitBy!r}: {self.dataset} has {' or '.join(SPLITS_BY[self.dataset])}")
+        else:
+            for name in ("train_split", "val_split"):
+                try:
+                    check_split(self.dataset, getattr(self, name), self.splitBy)
+                except UnknownSplitError as error:
+                    problems.append(f"{name}: {error}")
         if self.amp not in ("off", "bf16", "fp16"):
             problems.append(f"amp={self.amp!r} must be off, bf16 or fp16")
         if self.tokenization not in TOKENIZATIONS:
             problems.append(f"tokenization={self.tokenization!r} must be one of {', '.join(TOKENIZATIONS)}")
+        if self.feature_extractor not in EXTRACTORS:
+            problems.append(f"feature_extractor={self.feature_extractor!r} must be one of {', '.join(EXTRACTORS)}")
         for name in ("batch_size", "eval_batch_size", "num_train_epochs", "gradient_accumulation_steps",
                      "max_seq_length", "max_region_num"):
             if getattr(self, name) < 1:
@@ -159,6 +181,8 @@ def parse_options(parser: argparse.ArgumentParser, argv=None, config_beside_chec
         if beside.exists():
             task_config = beside
     values = load_task_config(task_config)
+    if args.dataset is not None:  # what follows from the dataset follows it, unless given as a flag too
+        values.update(follow_dataset(dataclasses.asdict(RunOptions(**values)), args.dataset))
     for f in dataclasses.fields(RunOptions):
         if getattr(args, f.name) is not None:
             values[f.name] = getattr(args, f.name)

@@ -284,13 +284,14 @@ class SelfCheck:
 
     def check_data(self):
         script = PROJECT_ROOT / "download_dataset.sh"
-        done = subprocess.run(["bash", str(script), "--check", "--dataroot", self.options.dataroot],
+        done = subprocess.run(["bash", str(script), "--check", "--dataset", self.options.dataset, "--dataroot",
+                               self.options.dataroot],
                               capture_output=True, text=True, env=dict(os.environ, PYTHON=sys.executable))
         lines = done.stdout.splitlines()
         summary = [line for line in lines if "readable" in line] or lines[-1:] or [done.stderr.strip()]
         if done.returncode:
-            raise CheckFailed(f"{self.options.dataroot}: {summary[0]} (bash download_dataset.sh --check --dataroot "
-                              f"{self.options.dataroot})")
+            raise CheckFailed(f"{self.options.dataroot}: {summary[0]} (bash download_dataset.sh --check --dataset "
+                              f"{self.options.dataset} --dataroot {self.options.dataroot})")
         return "PASS", f"{self.options.dataroot}: {summary[0]}"
 
     def check_checkpoint(self):

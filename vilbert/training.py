@@ -20,15 +20,19 @@ import numpy as np
 import paddle
 import paddle.distributed as dist
 
-from .checkpoint import CheckpointError, load_pretrained, save_checkpoint
+from pyutils.refer import AnnotationError
+
+from .checkpoint import CheckpointError, load_pretrained, read_training_state, save_checkpoint
 from .config import ConfigError, ViLBertConfig
-from .dataset import ReferExpressionDataset, collate
+from .dataset import ReferExpressionDataset
 from .engine import EpochBatchSampler, NonFiniteLossError, evaluate, train_one_epoch
 from .features import FeaturesError, ImageNotInFeatures, open_features
 from .fileio import atomic_path, atomic_write
+from .loader import BatchLoader
 from .model import VILBertForVLTasks, ViLBertOutput
 from .optimization import BertAdam, build_param_groups, describe_param_groups
 from .options import OptionsError, RunOptions, resolve_device
+from .refer_datasets import UnknownSplitError
 from .storage import localize
 from .tokenization import BertTokenizer
 
@@ -40,7 +44,7 @@ class OutOfMemoryError(MemoryError):
 # What the user can fix (paths, downloads, configs, flags, checkpoints, a diverging or too large run): the
 # entry scripts report these as one line instead of a traceback.
 USER_ERRORS = (FileNotFoundError, PermissionError, OptionsError, ConfigError, CheckpointError, FeaturesError,
-               ImageNotInFeatures, NonFiniteLossError, OutOfMemoryError)
+               ImageNotInFeatures, NonFiniteLossError, OutOfMemoryError, AnnotationError, UnknownSplitError)
 
 
 @contextlib.contextmanager
@@ -90,16 +94,18 @@ def seed_everything(seed: int) -> None:
 
 
 def build_dataset(options: RunOptions, split: str, tokenizer: BertTokenizer) -> ReferExpressionDataset:
-    det = open_features(options.data_path(options.features_h5path1), cache=options.feature_cache)
+    det = open_features(options.data_path(options.features_h5path1), cache=options.feature_cache,
+                        build=options.build_feature_cache)
     gt = None
     if split == options.train_split:
-        gt = open_features(options.data_path(options.features_h5path2), cache=options.feature_cache)
+        gt = open_features(options.data_path(options.features_h5path2), cache=options.feature_cache,
+                           build=options.build_feature_cache)
     return ReferExpressionDataset(options.dataroot, split, tokenizer, det, gt, dataset=options.dataset,
                                   splitBy=options.splitBy, max_seq_length=options.max_seq_length,
                                   max_region_num=options.max_region_num, tokenization=options.tokenization)
 
 
-def train_loader(dataset, options: RunOptions) -> "InlineLoader | paddle.io.DataLoader":
+def train_loader(dataset, options: RunOptions) -> BatchLoader:
     """Shuffled micro-batches: global batch / (devices x accumulation) samples each."""
     world = dist.get_world_size()
     micro = options.batch_size // (world * options.gradient_accumulation_steps)
@@ -109,40 +115,14 @@ def train_loader(dataset, options: RunOptions) -> "InlineLoader | paddle.io.Data
     sampler = EpochBatchSampler(len(dataset), options.batch_size, shuffle=True, seed=options.seed,
                                 rank=dist.get_rank(), world_size=world,
                                 accumulation=options.gradient_accumulation_steps)
-    return _loader(dataset, sampler, options.num_workers)
+    return BatchLoader(dataset, sampler, options.num_workers)
 
 
-def eval_loader(dataset, options: RunOptions) -> "InlineLoader | paddle.io.DataLoader":
+def eval_loader(dataset, options: RunOptions) -> BatchLoader:
     """Every expression exactly once: rank r takes samples r, r + world, ... (no padding)."""
     indices = list(range(dist.get_rank(), len(dataset), dist.get_world_size()))
     batches = [indices[i:i + options.eval_batch_size] for i in range(0, len(indices), options.eval_batch_size)]
-    return _loader(dataset, batches, options.num_workers)
-
-
-class InlineLoader:
-    """Batches of tensors read in the calling thread, as `paddle.io.DataLoader` hands them with num_workers=0.
-
-    Paddle 3.3's loader reads those in a helper thread that dies on any error of the dataset (a corrupt
-    feature record, say) and leaves the training loop waiting forever; here the error reaches the caller.
-    """
-
-    def __init__(self, dataset, batch_sampler):
-        self.dataset, self.batch_sampler = dataset, batch_sampler
-
-    def __len__(self) -> int:
-        return len(self.batch_sampler)
-
-    def __iter__(self):
-        for indices in self.batch_sampler:
-            batch = collate([self.dataset[index] for index in indices])
-            yield {key: paddle.to_tensor(value, place=paddle.CPUPlace()) for key, value in batch.items()}
-
-
-def _loader(dataset, batch_sampler, num_workers: int):
-    if num_workers == 0:
-        return InlineLoader(dataset, batch_sampler)
-    return paddle.io.DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=collate, num_workers=num_workers,
-                                use_shared_memory=False)
+    return BatchLoader(dataset, batches, options.num_workers)
 
 
 def build_model(options: RunOptions, checkpoint: str = "", log=print) -> VILBertForVLTasks:
@@ -218,7 +198,7 @@ def fit(options: RunOptions) -> dict:
     scaler = build_grad_scaler(options.amp)  # weights stay fp32 under O1 autocast
     start_epoch, best = 0, {"val_accuracy": -1.0, "epoch": -1}
     if resume_path:
-        state = paddle.load(str(resume_path))
+        state = read_training_state(resume_path)
         model.set_state_dict(state["model"])
         optimizer.set_state_dict(state["optimizer"])
         if scaler and state.get("scaler"):

@@ -27,7 +27,7 @@ def draw_prediction(path, expression: str, boxes: np.ndarray, scores: np.ndarray
     width, height = image_size
     fig, ax = plt.subplots(figsize=(8, 8 * height / width))
     if image:
-        ax.imshow(plt.imread(image))
+        ax.imshow(plt.imread(image), extent=(0, width, height, 0))  # a resized photo is scaled to the boxes
     else:
         ax.add_patch(patches.Rectangle((0, 0), width, height, color="0.92"))
     ax.set_xlim(0, width)

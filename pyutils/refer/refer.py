@@ -9,7 +9,9 @@ filters keep the original semantics (`split='test'` is testA + testB for unc, `'
 - `getAnnIds(ref_ids=...)` applies the ref filter (the original computed it and returned the unfiltered ids);
 - ids may be any integer type (numpy ints included), a list, tuple, set, range or numpy array;
 - `getImgIds` / `getCatIds` return lists, not dict views;
-- bad arguments and missing files raise a clear exception instead of `sys.exit()`.
+- bad arguments and missing files raise a clear exception instead of `sys.exit()`;
+- the refs pickle is read without running code (`load_refs`), and a damaged refs or instances file is one
+  `AnnotationError` naming the file, what is wrong and the fix.
 
 Masks go through `pycocotools.mask` (the original's compiled `external/_mask` is the same code), imported only
 by the mask functions; matplotlib is imported only by the drawing functions, and images are read only there.
@@ -19,9 +21,10 @@ import itertools
 import json
 import numbers
 import os.path as osp
-import pickle
 
 import numpy as np
+
+from ..restricted_pickle import RestrictedUnpickler
 
 # Valid (dataset, splitBy) pairs of the original README; only RefCLEF images live elsewhere.
 SPLITS_BY = {
@@ -31,6 +34,94 @@ SPLITS_BY = {
     "refclef": ("unc", "berkeley"),
 }
 SPLITS = ("train", "val", "test", "testA", "testB", "testC", "testAB", "testBC", "testAC")
+# What the REC code reads of each record (the rest, e.g. segmentation or file_name, only the drawing functions).
+REF_FIELDS = ("ref_id", "ann_id", "image_id", "category_id", "split", "sent_ids", "sentences")
+SENTENCE_FIELDS = ("sent_id", "raw", "sent", "tokens")
+INSTANCES_FIELDS = {"images": ("id", "height", "width"), "annotations": ("id", "image_id", "bbox", "category_id"),
+                    "categories": ("id", "name")}
+
+
+class AnnotationError(ValueError):
+    """A refs(*).p or instances.json that cannot be read: the message names the file, what is wrong and the fix."""
+
+
+def _fix(path, dataset):
+    """The fix of a damaged annotation file: its download and its data root's audit."""
+    where = f"--dataset {dataset} --dataroot {osp.dirname(osp.dirname(osp.abspath(path)))}"
+    return (f"re-download it (`bash download_dataset.sh {where}`), or audit the data root "
+            f"(`bash download_dataset.sh --check {where}`)")
+
+
+def _looks_like_html(data: bytes) -> bool:
+    return data.lstrip()[:1] == b"<"
+
+
+def load_refs(path, dataset="refcoco+"):
+    """The list of refs in a `refs(<splitBy>).p`, read without running code: a REFER file is a (Python 2)
+    pickle of plain lists, dicts, strings and numbers, which needs no global, so any global is refused."""
+    fix = _fix(path, dataset)
+    try:
+        with open(path, "rb") as f:
+            refs = RestrictedUnpickler(f, path, {}, "a REFER refs file holds only lists, dicts, strings and "
+                                       f"numbers, so this file is not one or is unsafe; {fix}",
+                                       error=AnnotationError).load()
+    except AnnotationError:
+        raise
+    except Exception as error:  # a damaged pickle fails in many ways inside pickle
+        with open(path, "rb") as f:
+            start = f.read(64)
+        raise _damaged(path, "a pickle", start, isinstance(error, EOFError) or "truncated" in str(error),
+                       f"{type(error).__name__}: {' '.join(str(error).split())}", fix) from None
+    if not isinstance(refs, list) or not refs or not all(isinstance(ref, dict) for ref in refs):
+        raise AnnotationError(f"{path} does not hold a list of refs (it holds a {type(refs).__name__}); {fix}")
+    _require_fields(path, "refs", refs, REF_FIELDS, fix)
+    _require_fields(path, "sentences", [s for ref in refs for s in ref["sentences"]], SENTENCE_FIELDS, fix)
+    return refs
+
+
+def _damaged(path, kind: str, start: bytes, truncated: bool, detail: str, fix: str) -> AnnotationError:
+    """One line for a file that does not parse as `kind`: cut short, an HTML page saved in its place, or else."""
+    if truncated:
+        problem = "is truncated (the download or copy stopped early)"
+    elif _looks_like_html(start):
+        problem = f"is an HTML page, not {kind} (a login or error page was saved instead of the file)"
+    else:
+        problem = f"is not {kind} ({detail})"
+    return AnnotationError(f"{path} {problem}; {fix}")
+
+
+def load_instances(path, dataset="refcoco+"):
+    """The COCO `instances.json` beside the refs, with one clear error for a damaged or incomplete file."""
+    fix = _fix(path, dataset)
+    try:
+        with open(path, "rb") as f:
+            text = f.read()
+        instances = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise _damaged(path, "JSON", text, error.pos >= len(text.rstrip()), str(error), fix) from None
+    except UnicodeDecodeError as error:
+        raise AnnotationError(f"{path} is not JSON (not UTF-8 text: {error}); {fix}") from None
+    if not isinstance(instances, dict):
+        raise AnnotationError(f"{path} does not hold a COCO instances object (it holds a "
+                              f"{type(instances).__name__}); {fix}")
+    missing = [key for key in INSTANCES_FIELDS if not isinstance(instances.get(key), list)]
+    if missing:
+        raise AnnotationError(f"{path} has no {', '.join(missing)} list: it is not a COCO instances file; {fix}")
+    for key, fields in INSTANCES_FIELDS.items():
+        _require_fields(path, key, instances[key], fields, fix)
+    return instances
+
+
+def _require_fields(path, what, records, fields, fix):
+    """One error naming the fields some record lacks (and how many records lack them)."""
+    lacking = {}
+    for record in records:
+        for name in fields:
+            if not isinstance(record, dict) or name not in record:
+                lacking[name] = lacking.get(name, 0) + 1
+    if lacking:
+        shown = ", ".join(f"{name!r} ({count:,} of {len(records):,})" for name, count in lacking.items())
+        raise AnnotationError(f"{path}: {what} are missing fields {shown}; {fix}")
 
 
 def _ids(value):
@@ -70,11 +161,8 @@ class REFER:
                 raise FileNotFoundError(f"{path} not found: the {dataset} annotations are missing from {data_root}; "
                                         "run `bash download_dataset.sh` (RefCOCO+) or point data_root at the folder "
                                         f"that holds {dataset}/")
-        # The pickles were written by Python 2; the default ASCII decoding reads them (their str are ASCII).
-        with open(ref_file, "rb") as f:
-            refs = pickle.load(f)
-        with open(instances_file) as f:
-            instances = json.load(f)
+        refs = load_refs(ref_file, dataset)
+        instances = load_instances(instances_file, dataset)
         self.data = {
             "dataset": dataset,
             "refs": refs,
@@ -100,9 +188,9 @@ class REFER:
         for ref in self.data["refs"]:
             ref_id, ann_id = ref["ref_id"], ref["ann_id"]
             if ann_id not in self.Anns:
-                raise KeyError(f"ref {ref_id} refers to annotation {ann_id}, which is not in "
-                               f"{osp.join(self.DATA_DIR, 'instances.json')}: the refs and instances files do not "
-                               "belong together")
+                raise AnnotationError(f"ref {ref_id} refers to annotation {ann_id}, which is not in "
+                                      f"{osp.join(self.DATA_DIR, 'instances.json')}: the refs and instances files "
+                                      "do not belong together")
             self.Refs[ref_id] = ref
             self.imgToRefs.setdefault(ref["image_id"], []).append(ref)
             self.catToRefs.setdefault(ref["category_id"], []).append(ref)

@@ -1,0 +1,196 @@
+"""Samples/s of the loaders train.py uses (train and eval, built as `vilbert.training` builds them), against
+the time memcpy takes to copy one batch's feature bytes once.
+
+    python bench/bench_loader.py --root /big/refcoco+_sized --make_root   # generate it first (~24 GB, minutes)
+    python bench/bench_loader.py --root data/referExpression                # a root you have
+
+Options are those of config/refcoco+.yml (batch 256, eval batch 1024, up to 100 regions) on the given root.
+Rows: num_workers 0, 1, 2, 4 of the shipped loader (`vilbert.loader.BatchLoader`: threads) on the float16
+cache (built on first use, as train.py does; its build time is printed) and on the LMDB alone, and Paddle's
+`paddle.io.DataLoader` with worker processes and `use_shared_memory=True` on the cache, the alternative to
+threads, for the train split only: at eval batch 1024 (420 MB of features per batch) its 4 workers and their
+prefetched batches were killed by the kernel's out-of-memory killer on this 24 GB machine. Each row times `--batches` batches after the first ones (worker start-up, and the batches the
+workers had ready by then: 1 + workers for threads, 1 + 2 x workers for processes). The cache
+files are read once before timing, so the rows see them in the page cache, as every epoch after the first does.
+`memcpy ms` is the time `np.copyto` takes for an array of the row's mean feature bytes per batch (warm
+buffers, best of 5), the floor for any loader that copies each feature byte once; `ratio` = loader ms per
+batch / memcpy ms. The cache rows are measured in `--rounds` interleaved rounds, each keeping its best, which
+keeps the ratios stable on a shared machine.
+"""
+
+import argparse
+import dataclasses
+import functools
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import vilbert  # noqa: E402,F401  (CPU settings before paddle loads)
+import paddle  # noqa: E402
+
+from vilbert.dataset import collate  # noqa: E402
+from vilbert.demo_data import DETECTED_LMDB, GT_LMDB, make_demo_dataset  # noqa: E402
+from vilbert.features import default_cache_path  # noqa: E402
+from vilbert.options import DEFAULT_TASK_CONFIG, RunOptions, load_task_config  # noqa: E402
+from vilbert.tokenization import BertTokenizer  # noqa: E402
+from vilbert.training import build_dataset, eval_loader, train_loader  # noqa: E402
+
+WORKERS = (0, 1, 2, 4)
+
+
+def cpu_flags() -> str:
+    """Model name and the SIMD flags that matter for memcpy, from lscpu."""
+    try:
+        info = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "lscpu not available"
+    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+    flags = fields.get("Flags", "").split()
+    simd = [f for f in flags if f in ("avx2", "avx512f", "avx512bw", "avx512vl")] or ["no avx2/avx512"]
+    return f"{fields.get('Model name', '?').strip()}, {os.cpu_count()} CPUs, {' '.join(simd)}"
+
+
+def disk_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def make_root(root: Path, images: int) -> None:
+    """A RefCOCO+-sized generated root: RefCOCO+'s split of images (85% train, 7.5% val, 3.75% each test
+    split) with 10-100 detections per image."""
+    print(f"Generating {images} images in {root} ...", flush=True)
+    started = time.time()
+    make_demo_dataset(root, num_train_images=int(images * 0.85), num_val_images=int(images * 0.075),
+                      num_test_images=int(images * 0.0375), max_detections=100)
+    print(f"... {time.time() - started:.0f} s", flush=True)
+
+
+def memcpy_seconds(nbytes: int) -> float:
+    source = np.ones(nbytes // 2, np.float16)
+    target = np.empty_like(source)
+    times = []
+    for _ in range(5):
+        started = time.perf_counter()
+        np.copyto(target, source)
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def timed(loader, batches: int, skip: int):
+    """(samples/s, seconds per batch, mean feature bytes per batch) of `batches` batches after the first
+    `skip` (worker start-up and the batches they had ready by then), starting another epoch when one ends."""
+    iterator = iter(loader)
+
+    def next_batch():
+        nonlocal iterator
+        try:
+            return next(iterator)
+        except StopIteration:
+            stop(iterator)
+            iterator = iter(loader)
+            return next(iterator)
+
+    try:
+        for _ in range(skip):
+            next_batch()
+        samples, nbytes = 0, 0
+        started = time.perf_counter()
+        for _ in range(batches):
+            features = next_batch()["features"]
+            samples += features.shape[0]
+            nbytes += int(np.prod(features.shape)) * features.element_size()
+        seconds = time.perf_counter() - started
+    finally:
+        stop(iterator)
+    return samples / seconds, seconds / batches, nbytes // batches
+
+
+def stop(iterator) -> None:
+    """Stops a loader's workers now: ours on close(); Paddle's process workers otherwise outlive their iterator
+    (and keep their shared memory) until the process exits."""
+    if hasattr(iterator, "_try_shutdown_all"):
+        iterator._try_shutdown_all()
+    else:
+        iterator.close()
+
+
+def paddle_process_loader(dataset, batch_sampler, workers: int):
+    return paddle.io.DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=collate, num_workers=workers,
+                                use_shared_memory=True)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", required=True, help="a RefCOCO+-format data root")
+    parser.add_argument("--make_root", action="store_true", help="generate the root first if it is not there")
+    parser.add_argument("--images", type=int, default=20000, help="images of a generated root (RefCOCO+: 19,992)")
+    parser.add_argument("--batches", type=int, default=12, help="timed batches per row")
+    parser.add_argument("--lmdb_batches", type=int, default=2, help="timed batches per row without the cache")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the cache rows; the best counts")
+    args = parser.parse_args(argv)
+    root = Path(args.root)
+    if args.make_root and not (root / "refcoco+" / "refs(unc).p").exists():
+        make_root(root, args.images)
+    print(f"CPU: {cpu_flags()}")
+    print(f"Paddle {paddle.__version__}, {'CUDA' if paddle.is_compiled_with_cuda() else 'CPU-only'} build")
+    print(f"Root {root}: {disk_size(root) / 2**30:.1f} GiB on disk", flush=True)
+
+    options = RunOptions(**{**load_task_config(DEFAULT_TASK_CONFIG), "dataroot": str(root)})
+    tokenizer = BertTokenizer(options.bert_model)
+    caches = [default_cache_path(root / name) for name in (DETECTED_LMDB, GT_LMDB)]
+    if not all(path.exists() for path in caches):
+        started = time.time()
+        build_dataset(options, options.train_split, tokenizer)
+        print(f"Feature caches built in {time.time() - started:.0f} s")
+    started = time.time()
+    for path in caches:  # into the page cache, as after a first epoch
+        with open(path, "rb") as f:
+            while f.read(64 << 20):
+                pass
+    print(f"Caches {', '.join(f'{p.name} {p.stat().st_size / 2**30:.2f} GiB' for p in caches)}; "
+          f"read once in {time.time() - started:.0f} s", flush=True)
+
+    rows = {}  # (loader, split, features, workers) -> (samples/s, s/batch, bytes/batch, memcpy s), best round
+    for cached in (True, False):
+        opts = dataclasses.replace(options, feature_cache=cached, build_feature_cache=False)
+        data = {split: build_dataset(opts, split, tokenizer) for split in (options.train_split, options.val_split)}
+        features = "cache fp16" if cached else "LMDB"
+        specs = []  # (row, make the loader, batches to skip)
+        for split, make in ((options.train_split, train_loader), (options.val_split, eval_loader)):
+            for workers in WORKERS:
+                specs.append((("threads (shipped)", split, features, workers),
+                              functools.partial(make, data[split], dataclasses.replace(opts, num_workers=workers)),
+                              1 + workers))
+            for workers in WORKERS[1:] if cached and split == options.train_split else ():
+                sampler = make(data[split], opts).batch_sampler
+                specs.append((("paddle processes, shm", split, features, workers),
+                              functools.partial(paddle_process_loader, data[split], sampler, workers),
+                              1 + 2 * workers))  # Paddle's prefetch_factor 2
+        for _ in range(args.rounds if cached else 1):  # interleaved rounds: a busy spell hits every row alike
+            for row, make_loader, skip in specs:
+                try:
+                    rate, seconds, nbytes = timed(make_loader(), args.batches if cached else args.lmdb_batches, skip)
+                except SystemError as err:  # Paddle's process workers died (out of shared memory, say)
+                    print(*row, "failed:", str(err).splitlines()[0], flush=True)
+                    continue
+                if rate > rows.get(row, (0,))[0]:
+                    rows[row] = rate, seconds, nbytes, memcpy_seconds(nbytes)  # the copy under the same load
+                print(*row, f"{rate:,.0f}/s", flush=True)
+
+    print(f"\nLoaders at config/refcoco+.yml (batch {options.batch_size}, eval batch {options.eval_batch_size}, "
+          f"up to {options.max_region_num} regions), one process, best of {args.rounds} rounds on the cache")
+    print(f"{'loader':<23}{'split':<7}{'features':<12}{'workers':>8}{'samples/s':>11}{'ms/batch':>10}"
+          f"{'MB/batch':>10}{'memcpy ms':>11}{'ratio':>7}")
+    for (name, split, features, workers), (rate, seconds, nbytes, copy) in rows.items():
+        print(f"{name:<23}{split:<7}{features:<12}{workers:>8}{rate:>11,.0f}{seconds * 1e3:>10.1f}"
+              f"{nbytes / 1e6:>10.0f}{copy * 1e3:>11.2f}{seconds / copy:>7.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""BatchLoader: the same batches as collating samples and converting them with paddle.to_tensor (the path it
+replaces), with and without worker threads and the float16 cache; errors reach the caller; the pinned-memory
+branch of a GPU run, forced on this CPU build."""
+
+import numpy as np
+import paddle
+import pytest
+
+from vilbert import loader as loader_module
+from vilbert.dataset import ReferExpressionDataset, collate
+from vilbert.demo_data import DETECTED_LMDB, GT_LMDB, make_demo_dataset
+from vilbert.engine import EpochBatchSampler
+from vilbert.features import open_features
+from vilbert.loader import BatchLoader, host_place
+from vilbert.tokenization import BertTokenizer
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory):
+    """Train and val datasets of a generated root with up to 30 detections per image (batches are padded),
+    read from the LMDBs and from float16 caches."""
+    root = make_demo_dataset(tmp_path_factory.mktemp("loader"), num_train_images=12, num_val_images=4,
+                             num_test_images=1, max_detections=30)
+    tokenizer = BertTokenizer()
+    out = {}
+    for cached in (False, True):
+        readers = [open_features(root / name, cache=cached, build=cached) for name in (DETECTED_LMDB, GT_LMDB)]
+        for split in ("train", "val"):
+            out[split, cached] = ReferExpressionDataset(root, split, tokenizer, readers[0],
+                                                        readers[1] if split == "train" else None)
+    return out
+
+
+def old_batches(dataset, batches):
+    """What the loader replaced: samples collated, then converted by paddle.to_tensor."""
+    for indices in batches:
+        yield {key: paddle.to_tensor(value, place=paddle.CPUPlace())
+               for key, value in collate([dataset[i] for i in indices]).items()}
+
+
+def assert_same_batches(got, expected):  # the padding of regions included
+    count = 0
+    for a, b in zip(got, expected, strict=True):
+        assert a.keys() == b.keys()
+        for key in b:
+            assert a[key].dtype == b[key].dtype and a[key].shape == b[key].shape, key
+            np.testing.assert_array_equal(a[key].numpy(), b[key].numpy(), err_msg=key)
+        count += 1
+    assert count
+
+
+@pytest.mark.parametrize("workers", [0, 3])
+@pytest.mark.parametrize("cached", [False, True])
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_batches_equal_the_collate_to_tensor_path(datasets, split, cached, workers):
+    dataset = datasets[split, cached]
+    sampler = EpochBatchSampler(len(dataset), 16, shuffle=split == "train", seed=1)
+    batches = list(sampler)
+    assert_same_batches(BatchLoader(dataset, sampler, workers), old_batches(dataset, batches))
+    assert any((batch["image_mask"].numpy() == 0).any() for batch in BatchLoader(dataset, batches, workers))
+    if cached:
+        assert next(iter(BatchLoader(dataset, batches, workers)))["features"].dtype == paddle.float16
+
+
+class Broken:
+    """A dataset whose sample 5 cannot be read."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def sample(self, index):
+        if index == 5:
+            raise ValueError("sample 5 is corrupt")
+        return self.dataset.sample(index)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_error_in_a_worker_reaches_the_caller(datasets, workers):
+    batches = [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
+    loader = BatchLoader(Broken(datasets["val", True]), batches, workers)
+    seen = []
+    with pytest.raises(ValueError, match="sample 5 is corrupt"):
+        for batch in loader:
+            seen.append(batch["sent_id"].shape[0])
+    assert seen == [2, 2]
+    assert len(list(BatchLoader(datasets["val", True], batches, workers))) == 5  # stopping early left nothing behind
+
+
+def test_gpu_runs_assemble_batches_in_pinned_memory(datasets, monkeypatch):
+    """The branch a GPU run takes, forced here: every batch array is requested in CUDAPinnedPlace and the
+    batches are unchanged. A CPU build cannot even construct that place, so a stand-in takes its name, and the
+    requests are served in CPU memory."""
+
+    class PinnedPlace:
+        pass
+
+    monkeypatch.setattr(paddle.device, "get_device", lambda: "gpu:0")
+    monkeypatch.setattr(paddle, "CUDAPinnedPlace", PinnedPlace)
+    assert isinstance(host_place(), PinnedPlace)
+    requested = []
+
+    class RecordingOps:
+        @staticmethod
+        def empty(shape, dtype, place):
+            requested.append(place)
+            return paddle._C_ops.empty(shape, dtype, paddle.CPUPlace())
+
+    monkeypatch.setattr(loader_module, "_C_ops", RecordingOps)
+    dataset = datasets["train", True]
+    batches = list(EpochBatchSampler(len(dataset), 16, shuffle=False))
+    assert_same_batches(BatchLoader(dataset, batches, 2), old_batches(dataset, batches))
+    assert requested and all(isinstance(place, PinnedPlace) for place in requested)
