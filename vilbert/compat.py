@@ -9,7 +9,7 @@ import functools
 import re
 
 MIN_VERSION = (2, 6)
-INSTALL_HINT = ("install a supported one: `pip install paddlepaddle-gpu==2.6.2` (PyPI, CUDA 12.0) or a 3.x GPU wheel "
+INSTALL_HINT = ("install a supported one: `pip install paddlepaddle-gpu==2.6.2` (PyPI) or a 3.x GPU wheel "
                 "from Paddle's own index (README, 'On a GPU machine'); on CPU `pip install paddlepaddle==3.3.1`")
 
 
