@@ -21,7 +21,7 @@ def main(argv=None):
     if args.demo:
         from train import ensure_demo_data
 
-        ensure_demo_data(options.dataroot)
+        ensure_demo_data(options)
     raise SystemExit(SelfCheck(options, quick=args.quick, gpus=args.gpus).run())
 
 
