@@ -97,37 +97,28 @@ EOF
 
 # Audit the data root for $DATASET: the expected layout, what is found, and whether each file reads. Exit 1 if
 # anything is missing or unreadable. The annotations are read by the project's own readers (pyutils/refer: no
-# code from a downloaded pickle runs, one line per damaged file); LMDB records with a plain-data unpickler.
+# code from a downloaded pickle runs, one line per damaged file); LMDB records with the feature-record unpickler.
 audit() {
   "$PYTHON" - "$DATA_ROOT" "$DATASET" "$SCRIPT_DIR" <<'PY'
 import base64
 import collections
 import os
-import pickle
 import runpy
 import sys
 
 root, dataset, project = sys.argv[1:4]
 sys.path.insert(0, project)
 from pyutils.refer.refer import AnnotationError, load_instances, load_refs  # noqa: E402
+from pyutils.restricted_pickle import RestrictedUnpickler, feature_record_globals  # noqa: E402
 
 table = runpy.run_path(os.path.join(project, "vilbert", "refer_datasets.py"))  # stdlib only: no Paddle needed
 spec = table["DATASETS"][dataset]
-PLAIN_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-                 ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-                 ("numpy", "ndarray"), ("numpy", "dtype"), ("collections", "OrderedDict"), ("_codecs", "encode")}
-
-
-class PlainData(pickle.Unpickler):
-    def find_class(self, module, name):
-        if (module, name) in PLAIN_GLOBALS:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}: not plain data")
+RECORD_GLOBALS = feature_record_globals()
 
 
 def loads(data):
     import io
-    return PlainData(io.BytesIO(data)).load()
+    return RestrictedUnpickler(io.BytesIO(data), "an LMDB record", RECORD_GLOBALS, "not part of a feature record").load()
 
 
 def size(path):

@@ -291,7 +291,7 @@ def damaged_npy(tmp_path, case) -> Path:
 
 
 DAMAGED_NPY = {
-    "code": "refusing to load posix.system: not part of a feature record",
+    "code": "refusing to unpickle global posix.system: not part of a feature record",
     "no bbox": "no field 'bbox' (it has: cls_prob, features, image_height, image_id, image_width, num_boxes, objects)",
     "plain array": "holds a float32 array of shape (2, 3), not the dict 12-in-1's script/extract_features.py saves",
     "not npy": "not a .npy file",

@@ -25,7 +25,6 @@ import io
 import json
 import logging
 import os
-import pickle
 import shutil
 import struct
 import threading
@@ -36,6 +35,8 @@ from typing import Dict, List, NamedTuple, Optional, Union
 import lmdb
 import numpy as np
 from tqdm import tqdm
+
+from pyutils.restricted_pickle import RestrictedUnpickler, feature_record_globals
 
 from .fileio import atomic_path
 
@@ -113,32 +114,14 @@ def lmdb_signature(path) -> Dict[str, int]:
     return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
-_PICKLE_GLOBALS = {
-    ("collections", "OrderedDict"),  # py3 csv.DictReader rows of the beta conversion
-    ("numpy", "ndarray"), ("numpy", "dtype"),
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
-    ("numpy.core.numeric", "_frombuffer"),
-    ("_codecs", "encode"),  # bytes in protocol-2 pickles
-}
-_NUMPY_2 = int(np.__version__.split(".")[0]) >= 2
-
-
-class _RecordUnpickler(pickle.Unpickler):
-    """Only the globals a feature record needs; anything else is refused instead of imported."""
-
-    def find_class(self, module, name):
-        module = module.replace("numpy._core", "numpy.core")
-        if (module, name) not in _PICKLE_GLOBALS:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: not part of a feature record")
-        if _NUMPY_2 and module.startswith("numpy.core"):
-            module = "numpy._core" + module[len("numpy.core"):]
-        return super().find_class(module, name)
+_RECORD_GLOBALS = feature_record_globals()
 
 
 def unpickle_record(data: bytes, what: str):
-    """`data` unpickled with `_RecordUnpickler`; any failure is a `FeaturesError` naming `what`."""
+    """`data` unpickled with only the globals a feature record needs (`feature_record_globals`), so a downloaded
+    file cannot run code; any failure is a `FeaturesError` naming `what`."""
     try:
-        return _RecordUnpickler(io.BytesIO(data)).load()
+        return RestrictedUnpickler(io.BytesIO(data), what, _RECORD_GLOBALS, "not part of a feature record").load()
     except Exception as err:
         raise FeaturesError(f"{what} is corrupt: cannot unpickle it ({type(err).__name__}: {err})") from None
 
