@@ -274,7 +274,8 @@ def audit_feature_lmdb(path, progress: bool = False, sample: int = 0) -> Audit:
     counts, corrupt, non_finite, outside = [], [], [], []
     audited = [stored[i] for i in np.linspace(0, len(stored) - 1, sample).astype(int)] if 0 < sample < len(stored) \
         else stored
-    for key in progress_bar(audited, f"Auditing {os.path.basename(os.path.normpath(path))}", enabled=progress):
+    for key in progress_bar(audited, f"Auditing {os.path.basename(os.path.normpath(path))}", enabled=progress,
+                            unit="records"):
         what = f"record {key.decode(errors='replace')}"
         try:
             item = unpickle_record(read_stored(path, key), what)

@@ -34,11 +34,11 @@ from typing import Dict, List, NamedTuple, Optional, Union
 
 import lmdb
 import numpy as np
-from tqdm import tqdm
 
 from pyutils.restricted_pickle import RestrictedUnpickler, feature_record_globals
 
 from .fileio import atomic_path
+from .progress import progress as progress_bar
 
 FEATURE_DIM = 2048  # pool5_flat of the bottom-up ResNet-101 / ResNeXt-152 detectors
 DOWNLOAD_HINT = "run `bash download_dataset.sh` (or point the features path at the LMDB folder)"
@@ -321,7 +321,8 @@ def build_feature_cache(lmdb_path, out=None, *, float16: bool = False, progress:
     index, spatials, boxes, rows = [], [], [], 0
     with atomic_path(out) as tmp, open(tmp, "wb") as f:
         f.write(b"\0" * CACHE_ALIGN)
-        for key in tqdm(reader.keys(), desc=f"Caching {os.path.basename(reader.path)}", disable=not progress):
+        for key in progress_bar(reader.keys(), f"Caching {os.path.basename(reader.path)}", enabled=progress,
+                                unit="images"):
             region = reader[key.decode()]
             with np.errstate(over="ignore"):  # checked just below
                 features = region.features.astype(dtype)

@@ -15,11 +15,11 @@ from tqdm import tqdm
 PLAIN_LINES = 4  # per loop, when the stream is not a terminal
 
 
-def progress(iterable, desc: str, *, enabled: bool = True, stream=None):
+def progress(iterable, desc: str, *, enabled: bool = True, stream=None, unit: str = "steps"):
     """`iterable` with progress on `stream` (default stderr); the result has tqdm's `set_postfix(**values)`."""
     stream = stream or sys.stderr
     if enabled and not stream.isatty():
-        return PlainProgress(iterable, desc, stream)
+        return PlainProgress(iterable, desc, stream, unit)
     return tqdm(iterable, desc=desc, disable=not enabled, dynamic_ncols=True, file=stream)
 
 
@@ -27,8 +27,8 @@ class PlainProgress:
     """Yields the items of a sized iterable and writes a line after each `PLAIN_LINES`-th of them, e.g.
     `Epoch 3: 235/470 steps, 11.8 steps/s, ETA 0:00:20, loss=0.8123, acc=0.7031`."""
 
-    def __init__(self, iterable, desc: str, stream):
-        self.iterable, self.desc, self.stream = iterable, desc, stream
+    def __init__(self, iterable, desc: str, stream, unit: str = "steps"):
+        self.iterable, self.desc, self.stream, self.unit = iterable, desc, stream, unit
         self.postfix = {}
 
     def __len__(self) -> int:
@@ -47,5 +47,5 @@ class PlainProgress:
                 rate = done / max(time.monotonic() - started, 1e-9)
                 eta = datetime.timedelta(seconds=round((total - done) / rate))
                 figures = "".join(f", {key}={value}" for key, value in self.postfix.items())
-                self.stream.write(f"{self.desc}: {done}/{total} steps, {rate:.2f} steps/s, ETA {eta}{figures}\n")
+                self.stream.write(f"{self.desc}: {done}/{total} {self.unit}, {rate:.2f} {self.unit}/s, ETA {eta}{figures}\n")
                 self.stream.flush()
