@@ -292,7 +292,7 @@ class SelfCheck:
         summary = ([line for line in lines if line.startswith("PROBLEM")] + [line for line in lines if "readable" in line]
                    or lines[-1:] or [done.stderr.strip()])
         if done.returncode:
-            raise CheckFailed(f"{self.options.dataroot}: {summary[0]} ({' '.join(command[1:])})")
+            raise CheckFailed(f"{self.options.dataroot}: {summary[0]} (bash download_dataset.sh {' '.join(command[2:])})")
         return "PASS", f"{self.options.dataroot}: {summary[0]}"
 
     def check_checkpoint(self):
