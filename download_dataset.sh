@@ -226,13 +226,13 @@ print("All files present and readable.")
 PY
 }
 
-# Every region-feature LMDB of the data root read record by record (tools/audit_features.py, the same audit as
+# Every region-feature LMDB of the dataset (<dataset>_*.lmdb) read record by record (tools/audit_features.py, the same audit as
 # by hand): layout, images, boxes per image, feature width, and what is wrong. Exit 1 on any problem.
 audit_features() {
   local lmdbs=() dir
   while IFS= read -r -d '' dir; do
     if [ -f "$dir/data.mdb" ]; then lmdbs+=("$dir"); fi
-  done < <(find "$DATA_ROOT" -maxdepth 2 -name '*.lmdb' -type d -print0 2>/dev/null | sort -z)
+  done < <(find "$DATA_ROOT" -maxdepth 2 -name "${DATASET}_*.lmdb" -type d -print0 2>/dev/null | sort -z)
   [ ${#lmdbs[@]} -gt 0 ] || return 0
   echo
   "$PYTHON" "$SCRIPT_DIR/tools/audit_features.py" --sample "$SAMPLE" "${lmdbs[@]}"
