@@ -33,7 +33,7 @@ import paddle
 
 from .compat import MIN_VERSION, paddle_version
 from .config import ViLBertConfig
-from .engine import forward
+from .engine import train_one_epoch
 from .model import VILBertForVLTasks
 from .optimization import BertAdam, build_param_groups
 from .options import PROJECT_ROOT, RunOptions
@@ -44,7 +44,7 @@ TRAIN_EXPRESSIONS = {"refcoco+": 120191, "refcoco": 120624, "refcocog": 80512}  
 PARITY_TOLERANCE = {"cpu": 1e-5, "gpu": 1e-4}  # vs the official output; GPU matmuls may use TF32
 OPTIMIZER_TOLERANCE = 1e-6
 DATA_SAMPLE = 200  # feature records read back per LMDB by the data check
-MODEL_INPUTS = ("input_txt", "input_imgs", "image_loc", "token_type_ids", "attention_mask", "image_attention_mask",
+REFERENCE_INPUTS = ("input_txt", "input_imgs", "image_loc", "token_type_ids", "attention_mask", "image_attention_mask",
                 "co_attention_mask")
 
 
@@ -75,8 +75,13 @@ def official_tiny_outputs(reference: dict, device: str) -> dict:
     official = {key[len("weight/"):]: value for key, value in reference.items() if key.startswith("weight/")}
     converted, _ = convert_state_dict(official, {k: tuple(v.shape) for k, v in model.state_dict().items()}, "torch")
     model.set_state_dict(converted)
+    return reference_outputs(model, reference)
+
+
+def reference_outputs(model, reference: dict) -> dict:
+    """The model's outputs (name -> array) on the reference's recorded batch, in the official argument order."""
     with paddle.no_grad():
-        output = model(*(paddle.to_tensor(reference[f"input/{name}"]) for name in MODEL_INPUTS))
+        output = model(*(paddle.to_tensor(reference[f"input/{name}"]) for name in REFERENCE_INPUTS))
     return {field.name: getattr(output, field.name).numpy() for field in dataclasses.fields(output)}
 
 
@@ -116,7 +121,8 @@ def bertadam_replay_difference(device: str) -> float:
 
 
 def synthetic_batch(config: ViLBertConfig, size: int, tokens: int = 20, regions: int = 100, seed: int = 0) -> dict:
-    """A full batch as the loader hands it (fp16 features), every token and region real: the real config's cost."""
+    """A full batch as the loader hands it (fp16 features, which `engine.prepare` casts), every token and region
+    real: the real config's cost."""
     rng = np.random.default_rng(seed)
     target = rng.random((size, regions, 1)).astype("float32")
     target[target < 0.5] = 0
@@ -127,30 +133,21 @@ def synthetic_batch(config: ViLBertConfig, size: int, tokens: int = 20, regions:
         "features": paddle.to_tensor(rng.random((size, regions, config.v_feature_size)).astype("float16")),
         "spatials": paddle.to_tensor(rng.random((size, regions, 5)).astype("float32")),
         "target": paddle.to_tensor(target), "co_attention_mask": paddle.zeros([size, regions, tokens], "float32"),
+        "sent_id": paddle.arange(size),
     }
-    batch["features"] = batch["features"].astype("float32")  # as engine.prepare casts the fp16 cache's features
     return batch
 
 
 def train_steps(model, optimizer, batch: dict, amp: str, steps: int) -> float:
-    """`steps` training steps (forward, backward, BertAdam; fp16 with its loss scaler); returns the last loss."""
-    model.train()
-    scaler = build_grad_scaler(amp)
-    loss = None
-    for _ in range(steps):
-        loss, _ = forward(model, batch, amp)
-        (scaler.scale(loss) if scaler else loss).backward()
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.clear_grad()
-    return float(loss)
+    """`steps` training steps on `batch`, run by train.py's own `train_one_epoch` (fp16 with its loss scaler);
+    returns their mean loss."""
+    loss, _ = train_one_epoch(model, [batch] * steps, optimizer, epoch=0, amp=amp, scaler=build_grad_scaler(amp),
+                              show_progress=False)
+    return loss
 
 
 def tiny_training(device: str, amp: str, steps: int = 2, seed: int = 0):
-    """(last loss, weights) of `steps` steps of the demo model from a fixed init on a fixed batch."""
+    """(mean loss, weights) of `steps` steps of the demo model from a fixed init on a fixed batch."""
     paddle.set_device(device)
     paddle.seed(seed)
     options = RunOptions(config_file=str(PROJECT_ROOT / "config" / "vilbert_demo.json"), learning_rate=1e-3,
@@ -236,7 +233,7 @@ class SelfCheck:
         losses = {amp: tiny_training(self.device, amp) for amp in ("bf16", "fp16")}
         finite = {amp: np.isfinite(loss) and all(np.isfinite(w).all() for w in weights.values())
                   for amp, (loss, weights) in losses.items()}
-        detail = ", ".join(f"{amp} step loss {loss:.4f}" for amp, (loss, _) in losses.items())
+        detail = ", ".join(f"{amp} 2 steps, mean loss {loss:.4f}" for amp, (loss, _) in losses.items())
         if not self.gpu:
             detail += " (autocast does nothing on CPU: float32)"
         if not all(finite.values()):
