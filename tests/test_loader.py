@@ -1,6 +1,7 @@
 """BatchLoader: the same batches as collating samples and converting them with paddle.to_tensor (the path it
-replaces), with and without worker threads and the float16 cache; errors reach the caller; the pinned-memory
-branch of a GPU run, forced on this CPU build."""
+replaces), with and without worker threads and the float16 cache, also when the caller keeps every batch;
+HostBuffers reuses memory only once nothing refers to it; errors reach the caller; the pinned-memory branch
+of a GPU run, forced on this CPU build."""
 
 import numpy as np
 import paddle
@@ -11,7 +12,7 @@ from vilbert.dataset import ReferExpressionDataset, collate
 from vilbert.demo_data import DETECTED_LMDB, GT_LMDB, make_demo_dataset
 from vilbert.engine import EpochBatchSampler
 from vilbert.features import open_features
-from vilbert.loader import BatchLoader, host_place
+from vilbert.loader import BatchLoader, HostBuffers, host_place, tensor_of
 from vilbert.tokenization import BertTokenizer
 
 
@@ -60,6 +61,52 @@ def test_batches_equal_the_collate_to_tensor_path(datasets, split, cached, worke
     assert any((batch["image_mask"].numpy() == 0).any() for batch in BatchLoader(dataset, batches, workers))
     if cached:
         assert next(iter(BatchLoader(dataset, batches, workers)))["features"].dtype == paddle.float16
+
+
+@pytest.mark.parametrize("workers", [0, 3])
+def test_batches_the_caller_keeps_are_never_overwritten(datasets, workers):
+    dataset = datasets["train", True]
+    batches = list(EpochBatchSampler(len(dataset), 16, shuffle=True, seed=2))
+    kept = list(BatchLoader(dataset, batches, workers))
+    assert_same_batches(kept, old_batches(dataset, batches))
+
+
+def test_dropped_batches_memory_is_reused(datasets, monkeypatch):
+    """Iterating with one worker and dropping each batch: the features need a few blocks (the batch the
+    caller has, the one being assembled, the next), not one per batch."""
+    large = []
+    allocate = loader_module._allocate
+
+    def recording(shape, dtype, place):
+        if np.prod(shape) * dtype.itemsize >= HostBuffers.min_bytes:
+            large.append(list(shape))
+        return allocate(shape, dtype, place)
+
+    monkeypatch.setattr(loader_module, "_allocate", recording)
+    dataset = datasets["train", True]
+    batches = [list(range(16))] * 12  # the same batch: same shapes, so no block is outgrown
+    for batch in BatchLoader(dataset, batches, 1):
+        assert batch["features"].shape[0] == 16
+    assert 1 <= len(large) <= 4
+
+
+def test_host_buffers_hand_out_a_block_again_only_when_unreferenced():
+    memory = HostBuffers(paddle.CPUPlace())
+    shape = (2, HostBuffers.min_bytes // 4)  # float16: half the minimum per row, so both rows are kept
+    first = memory.empty(shape, np.float16)
+    first[...] = 1
+    tensor = tensor_of(first)
+    del first  # the tensor handed out still refers to the block
+    second = memory.empty(shape, np.float16)
+    second[...] = 2
+    assert tensor.data_ptr() != tensor_of(second).data_ptr()
+    np.testing.assert_array_equal(tensor.numpy(), 1)
+    address = tensor.data_ptr()
+    del tensor
+    third = memory.empty((1, shape[1] * 2), np.float16)  # smaller or equal blocks are reused, any shape
+    assert tensor_of(third).data_ptr() == address and tensor_of(third).shape == [1, shape[1] * 2]
+    small = memory.empty((4,), np.float16)  # below min_bytes: fresh memory
+    assert tensor_of(small).data_ptr() not in (address, tensor_of(second).data_ptr())
 
 
 class Broken:

@@ -1,9 +1,10 @@
 """Batches of tensors from a dataset, assembled once into the host memory the device copy reads.
 
-Each batch is allocated as Paddle host tensors (page-locked `CUDAPinnedPlace` when training on a GPU, so the
+Each batch is assembled in Paddle host tensors (page-locked `CUDAPinnedPlace` when training on a GPU, so the
 copy to the GPU is one DMA; `CPUPlace` otherwise) and filled through NumPy views of their memory by `collate`,
 which copies every feature row straight from the memory-mapped cache into it: one copy per byte, where
-gathering, padding and `paddle.to_tensor` made three.
+gathering, padding and `paddle.to_tensor` made three. The memory of the large arrays is kept and reused from
+batch to batch (`HostBuffers`).
 
 Workers are threads, not processes: assembling a batch is mostly memcpy, which NumPy runs without the GIL, so
 threads copy in parallel, and their batches need no further copy. Paddle's process workers must move every
@@ -12,6 +13,8 @@ cost more than assembling it (bench/bench_loader.py measures both). An error in 
 """
 
 import collections
+import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict
 
@@ -32,22 +35,77 @@ class _HostTensor:
     """A Paddle host tensor as NumPy sees it (`__array_interface__`): `np.asarray` makes a view of its memory,
     whose `.base` is this object, which keeps the tensor alive and hands it back."""
 
-    def __init__(self, shape, dtype: np.dtype, place):
-        # _C_ops.empty (what paddle.empty calls; the same in Paddle 2.6 and 3.x) is the one way to allocate a
-        # tensor in a given place without copying anything into it
-        self.tensor = _C_ops.empty(list(shape), getattr(paddle, dtype.name), place)  # paddle.float16, ...
-        self.__array_interface__ = {"shape": tuple(shape), "typestr": dtype.str, "version": 3,
-                                    "data": (self.tensor.data_ptr(), False)}
+    def __init__(self, tensor: paddle.Tensor, dtype: np.dtype):
+        self.tensor = tensor
+        self.__array_interface__ = {"shape": tuple(tensor.shape), "typestr": dtype.str, "version": 3,
+                                    "data": (tensor.data_ptr(), False)}
+
+
+def _allocate(shape, dtype: np.dtype, place) -> paddle.Tensor:
+    # _C_ops.empty (what paddle.empty calls; the same in Paddle 2.6 and 3.x) is the one way to allocate a
+    # tensor in a given place without copying anything into it
+    return _C_ops.empty(list(shape), getattr(paddle, dtype.name), place)  # paddle.float16, ...
 
 
 def empty_host_array(shape, dtype, place) -> np.ndarray:
     """An uninitialised array whose memory is a new Paddle tensor in `place` (`tensor_of(array)`)."""
-    return np.asarray(_HostTensor(shape, np.dtype(dtype), place))
+    dtype = np.dtype(dtype)
+    return np.asarray(_HostTensor(_allocate(shape, dtype, place), dtype))
 
 
 def tensor_of(array: np.ndarray) -> paddle.Tensor:
-    """The tensor behind an array from `empty_host_array`: the same memory, no copy."""
+    """The tensor behind an array from `empty_host_array` or `HostBuffers.empty`: the same memory, no copy."""
     return array.base.tensor
+
+
+class HostBuffers:
+    """Host memory for the large arrays of batches (the features: 105 MB at batch 256), kept and reused.
+
+    Fresh memory for every batch costs more than filling it: Paddle's host allocator gives blocks this large
+    back to the system, so the kernel maps and zeroes each page again when it is first written (about 30 ms per
+    105 MB on this project's machine, against 4 ms to copy the features into memory written before), and on a
+    GPU box each fresh page-locked block is a cudaHostAlloc. So an array is handed out as a tensor over the
+    front of a kept block, and the block is handed out again only when nothing outside this object refers to
+    that tensor any more (CPython's reference count): a batch its caller keeps is never overwritten.
+    Thread-safe; the blocks are freed with this object.
+    """
+
+    min_bytes = 1 << 20  # smaller arrays come fresh from the allocator
+
+    def __init__(self, place):
+        self.place = place
+        self._blocks = []  # [1-D block tensor, tensor handed out over its front, or None]
+        self._lock = threading.Lock()
+
+    def empty(self, shape, dtype) -> np.ndarray:
+        """Like `empty_host_array(shape, dtype, self.place)`."""
+        dtype = np.dtype(dtype)
+        count = int(np.prod(shape))
+        if count * dtype.itemsize < self.min_bytes:
+            return empty_host_array(shape, dtype, self.place)
+        with self._lock:
+            entry = self._free_block(count, dtype)
+            tensor = entry[0]._slice(0, count)  # shares the block's memory, as does the in-place reshape
+            tensor.reshape_(list(shape))
+            entry[1] = tensor
+        return np.asarray(_HostTensor(tensor, dtype))
+
+    def _free_block(self, count: int, dtype: np.dtype) -> list:
+        free = [entry for entry in self._blocks
+                if entry[0].dtype == getattr(paddle, dtype.name) and not self._in_use(entry)]
+        fitting = [entry for entry in free if entry[0].shape[0] >= count]
+        if fitting:
+            return min(fitting, key=lambda entry: entry[0].shape[0])
+        entry = free[0] if free else [None, None]  # a free block that is too small is replaced
+        if not free:
+            self._blocks.append(entry)
+        entry[0], entry[1] = _allocate([count], dtype, self.place), None
+        return entry
+
+    @staticmethod
+    def _in_use(entry: list) -> bool:
+        # references to the handed-out tensor: the entry and getrefcount's argument, plus any outside
+        return entry[1] is not None and sys.getrefcount(entry[1]) > 2
 
 
 class BatchLoader:
@@ -65,21 +123,21 @@ class BatchLoader:
     def __len__(self) -> int:
         return len(self.batch_sampler)
 
-    def batch(self, indices) -> Dict[str, paddle.Tensor]:
-        arrays = collate([self.dataset.sample(index) for index in indices],
-                         lambda shape, dtype: empty_host_array(shape, dtype, self.place))
+    def batch(self, indices, memory: HostBuffers) -> Dict[str, paddle.Tensor]:
+        arrays = collate([self.dataset.sample(index) for index in indices], memory.empty)
         return {key: tensor_of(array) for key, array in arrays.items()}
 
     def __iter__(self):
+        memory = HostBuffers(self.place)
         if self.num_workers == 0:
             for indices in self.batch_sampler:
-                yield self.batch(indices)
+                yield self.batch(indices, memory)
             return
         pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="batch")
         pending = collections.deque()
         try:
             for indices in self.batch_sampler:
-                pending.append(pool.submit(self.batch, indices))
+                pending.append(pool.submit(self.batch, indices, memory))
                 if len(pending) > self.num_workers:
                     yield pending.popleft().result()
             while pending:
