@@ -10,11 +10,13 @@ cache (built on first use, as train.py does; its build time is printed) and on t
 `paddle.io.DataLoader` with worker processes and `use_shared_memory=True` on the cache, the alternative to
 threads, for the train split only: at eval batch 1024 (420 MB of features per batch) its 4 workers and their
 prefetched batches were killed by the kernel's out-of-memory killer on this 24 GB machine. Each row times `--batches` batches after the first ones (worker start-up, and the batches the
-workers had ready by then: 1 + workers for threads, 1 + 2 x workers for processes). The cache
+workers had ready by then: 2 + workers for threads, the extra one filling the blocks `HostBuffers` reuses;
+1 + 2 x workers for processes). The cache
 files are read once before timing, so the rows see them in the page cache, as every epoch after the first does.
 `memcpy ms` is the time `np.copyto` takes for an array of the row's mean feature bytes per batch (warm
 buffers, best of 5), the floor for any loader that copies each feature byte once; `ratio` = loader ms per
-batch / memcpy ms. The cache rows are measured in `--rounds` interleaved rounds, each keeping its best, which
+batch / memcpy ms. The header's memory bandwidth with 1, 2 and 4 threads copying at once is how far more
+workers can take a loader whose work is mostly copying on this machine. The cache rows are measured in `--rounds` interleaved rounds, each keeping its best, which
 keeps the ratios stable on a shared machine.
 """
 
@@ -24,6 +26,7 @@ import functools
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -38,6 +41,7 @@ import paddle  # noqa: E402
 from vilbert.dataset import collate  # noqa: E402
 from vilbert.demo_data import DETECTED_LMDB, GT_LMDB, make_demo_dataset  # noqa: E402
 from vilbert.features import default_cache_path  # noqa: E402
+from vilbert.loader import throughput  # noqa: E402
 from vilbert.options import DEFAULT_TASK_CONFIG, RunOptions, load_task_config  # noqa: E402
 from vilbert.tokenization import BertTokenizer  # noqa: E402
 from vilbert.training import build_dataset, eval_loader, train_loader  # noqa: E402
@@ -71,53 +75,28 @@ def make_root(root: Path, images: int) -> None:
     print(f"... {time.time() - started:.0f} s", flush=True)
 
 
-def memcpy_seconds(nbytes: int) -> float:
-    source = np.ones(nbytes // 2, np.float16)
-    target = np.empty_like(source)
-    times = []
-    for _ in range(5):
+def memcpy_seconds(nbytes: int, threads: int = 1) -> float:
+    """Best of 7: from a common start until the last of `threads` threads has copied its own `nbytes` (warm
+    buffers)."""
+    pairs = [(np.ones(nbytes // 2, np.float16), np.zeros(nbytes // 2, np.float16)) for _ in range(threads)]
+    best = float("inf")
+    for _ in range(7):
+        start, finished = threading.Barrier(threads + 1), []
+
+        def copy(pair):
+            start.wait()
+            np.copyto(pair[1], pair[0])
+            finished.append(time.perf_counter())
+
+        workers = [threading.Thread(target=copy, args=(pair,)) for pair in pairs]
+        for worker in workers:
+            worker.start()
+        start.wait()
         started = time.perf_counter()
-        np.copyto(target, source)
-        times.append(time.perf_counter() - started)
-    return min(times)
-
-
-def timed(loader, batches: int, skip: int):
-    """(samples/s, seconds per batch, mean feature bytes per batch) of `batches` batches after the first
-    `skip` (worker start-up and the batches they had ready by then), starting another epoch when one ends."""
-    iterator = iter(loader)
-
-    def next_batch():
-        nonlocal iterator
-        try:
-            return next(iterator)
-        except StopIteration:
-            stop(iterator)
-            iterator = iter(loader)
-            return next(iterator)
-
-    try:
-        for _ in range(skip):
-            next_batch()
-        samples, nbytes = 0, 0
-        started = time.perf_counter()
-        for _ in range(batches):
-            features = next_batch()["features"]
-            samples += features.shape[0]
-            nbytes += int(np.prod(features.shape)) * features.element_size()
-        seconds = time.perf_counter() - started
-    finally:
-        stop(iterator)
-    return samples / seconds, seconds / batches, nbytes // batches
-
-
-def stop(iterator) -> None:
-    """Stops a loader's workers now: ours on close(); Paddle's process workers otherwise outlive their iterator
-    (and keep their shared memory) until the process exits."""
-    if hasattr(iterator, "_try_shutdown_all"):
-        iterator._try_shutdown_all()
-    else:
-        iterator.close()
+        for worker in workers:
+            worker.join()
+        best = min(best, max(finished) - started)
+    return best
 
 
 def paddle_process_loader(dataset, batch_sampler, workers: int):
@@ -140,6 +119,10 @@ def main(argv=None) -> None:
     print(f"CPU: {cpu_flags()}")
     print(f"Paddle {paddle.__version__}, {'CUDA' if paddle.is_compiled_with_cuda() else 'CPU-only'} build")
     print(f"Root {root}: {disk_size(root) / 2**30:.1f} GiB on disk", flush=True)
+    batch_bytes = 105 << 20
+    rates = {threads: threads * batch_bytes / memcpy_seconds(batch_bytes, threads) / 1e9 for threads in (1, 2, 4)}
+    print("Memory bandwidth, 105 MB copied by each of 1 / 2 / 4 threads at once: "
+          + " / ".join(f"{rate:.1f}" for rate in rates.values()) + " GB/s (the ceiling for more workers)", flush=True)
 
     options = RunOptions(**{**load_task_config(DEFAULT_TASK_CONFIG), "dataroot": str(root)})
     tokenizer = BertTokenizer(options.bert_model)
@@ -166,7 +149,7 @@ def main(argv=None) -> None:
             for workers in WORKERS:
                 specs.append((("threads (shipped)", split, features, workers),
                               functools.partial(make, data[split], dataclasses.replace(opts, num_workers=workers)),
-                              1 + workers))
+                              2 + workers))  # and HostBuffers' blocks filled
             for workers in WORKERS[1:] if cached and split == options.train_split else ():
                 sampler = make(data[split], opts).batch_sampler
                 specs.append((("paddle processes, shm", split, features, workers),
@@ -175,7 +158,8 @@ def main(argv=None) -> None:
         for _ in range(args.rounds if cached else 1):  # interleaved rounds: a busy spell hits every row alike
             for row, make_loader, skip in specs:
                 try:
-                    rate, seconds, nbytes = timed(make_loader(), args.batches if cached else args.lmdb_batches, skip)
+                    timed = args.batches if cached else args.lmdb_batches
+                    rate, seconds, nbytes = throughput(make_loader(), timed, skip)
                 except SystemError as err:  # Paddle's process workers died (out of shared memory, say)
                     print(*row, "failed:", str(err).splitlines()[0], flush=True)
                     continue

@@ -1,12 +1,14 @@
 """On a CUDA build with a visible GPU: the numerics there match the CPU and the official code, both half precisions
-train, and 2 GPUs launch. Skipped elsewhere; `python selfcheck.py` runs the same checks on the user's box."""
+train, batches assembled in page-locked memory reach the GPU unchanged, and 2 GPUs launch. Skipped elsewhere; `python selfcheck.py` runs the same checks on the user's box."""
 
 import numpy as np
 import paddle
 import pytest
 
+from training_support import DEMO_TASK, make_tiny_root
+from vilbert.options import RunOptions, load_task_config
 from vilbert.selfcheck import (OPTIMIZER_TOLERANCE, PARITY_TOLERANCE, bertadam_replay_difference, launch_two_gpus,
-                               official_tiny_outputs, official_tiny_reference, tiny_training)
+                               loader_check, official_tiny_outputs, official_tiny_reference, tiny_training)
 
 GPUS = paddle.device.cuda.device_count() if paddle.device.is_compiled_with_cuda() else 0
 pytestmark = pytest.mark.skipif(GPUS == 0, reason="needs a CUDA build of Paddle and a visible GPU")
@@ -27,6 +29,11 @@ def test_bertadam_on_gpu_matches_the_official_bertadam():
 def test_a_half_precision_training_step_is_finite(amp):
     loss, weights = tiny_training("gpu", amp)
     assert np.isfinite(loss) and all(np.isfinite(w).all() for w in weights.values())
+
+
+def test_loader_batches_reach_the_gpu_unchanged(tmp_path):
+    options = RunOptions(**{**load_task_config(DEMO_TASK), "dataroot": str(make_tiny_root(tmp_path))})
+    assert loader_check(options, "gpu", timed=2)[0] == []
 
 
 @pytest.mark.skipif(GPUS < 2, reason="needs 2 visible GPUs")

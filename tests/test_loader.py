@@ -3,6 +3,8 @@ replaces), with and without worker threads and the float16 cache, also when the 
 HostBuffers reuses memory only once nothing refers to it; errors reach the caller; the pinned-memory branch
 of a GPU run, forced on this CPU build."""
 
+import threading
+
 import numpy as np
 import paddle
 import pytest
@@ -73,7 +75,7 @@ def test_batches_the_caller_keeps_are_never_overwritten(datasets, workers):
 
 def test_dropped_batches_memory_is_reused(datasets, monkeypatch):
     """Iterating with one worker and dropping each batch: the features need a few blocks (the batch the
-    caller has, the one being assembled, the next), not one per batch."""
+    caller has, the one being assembled, the next), not one per batch, and the next pass needs none."""
     large = []
     allocate = loader_module._allocate
 
@@ -85,9 +87,14 @@ def test_dropped_batches_memory_is_reused(datasets, monkeypatch):
     monkeypatch.setattr(loader_module, "_allocate", recording)
     dataset = datasets["train", True]
     batches = [list(range(16))] * 12  # the same batch: same shapes, so no block is outgrown
-    for batch in BatchLoader(dataset, batches, 1):
+    loader = BatchLoader(dataset, batches, 1)
+    for batch in loader:
         assert batch["features"].shape[0] == 16
     assert 1 <= len(large) <= 4
+    first_pass = len(large)
+    for batch in loader:  # the next epoch: the blocks are kept
+        pass
+    assert len(large) == first_pass
 
 
 def test_host_buffers_hand_out_a_block_again_only_when_unreferenced():
@@ -157,3 +164,19 @@ def test_gpu_runs_assemble_batches_in_pinned_memory(datasets, monkeypatch):
     batches = list(EpochBatchSampler(len(dataset), 16, shuffle=False))
     assert_same_batches(BatchLoader(dataset, batches, 2), old_batches(dataset, batches))
     assert requested and all(isinstance(place, PinnedPlace) for place in requested)
+
+
+def test_threads_are_capped_at_the_cpus_the_process_may_use(datasets, monkeypatch):
+    class Recording:
+        def __init__(self, dataset):
+            self.dataset, self.threads = dataset, set()
+
+        def sample(self, index):
+            self.threads.add(threading.current_thread().name)
+            return self.dataset.sample(index)
+
+    monkeypatch.setattr(loader_module, "available_cpus", lambda: 2)
+    dataset = Recording(datasets["val", True])
+    batches = [[i] for i in range(len(dataset.dataset))] * 4
+    assert len(list(BatchLoader(dataset, batches, 8))) == len(batches)
+    assert len(dataset.threads) == 2 and all(name.startswith("batch") for name in dataset.threads)

@@ -30,13 +30,14 @@ def test_a_ready_machine_passes_with_a_table(root, capsys):
     code, status, out = run_selfcheck(capsys, "--demo", "--dataroot", str(root))  # --demo: the data is there
     assert code == 0 and out.rstrip().endswith("PASS: ready")
     assert status == {"paddle": "PASS", "parity": "PASS", "optimizer": "PASS", "amp": "PASS", "launch": "SKIP",
-                      "step": "INFO", "repeatable": "SKIP", "data": "PASS", "checkpoint": "SKIP"}
+                      "step": "INFO", "repeatable": "SKIP", "data": "PASS", "loader": "PASS",
+                      "checkpoint": "SKIP"}
 
 
 def test_a_missing_data_root_and_checkpoint_fail_with_status_1(tmp_path, capsys):
     code, status, out = run_selfcheck(capsys, "--dataroot", str(tmp_path), "--from_pretrained",
                                       str(tmp_path / "none.bin"))
-    assert code == 1 and status["data"] == status["checkpoint"] == "FAIL"
+    assert code == 1 and status["data"] == status["checkpoint"] == "FAIL" and status["loader"] == "SKIP"
     assert out.rstrip().endswith("FAIL: data, checkpoint") and "download_dataset.sh" in out
 
 
@@ -67,7 +68,30 @@ def test_gpu_branches(fake_gpu, root):
     assert status == "INFO" and detail.count("peak 3.0 GiB") == 2  # --amp fp16, then off
     assert "amp fp16: micro-batch 32" in detail and "--gradient_accumulation_steps 1 fits" in detail
     assert check.check_repeatable()[0] == "PASS"
+    status, detail = check.check_loader()
+    assert status == "PASS" and "val batches on gpu equal" in detail
     assert fake_gpu == {"FLAGS_cudnn_deterministic": True, "FLAGS_embedding_deterministic": 1}
+
+
+def test_loader_check_names_the_arrays_that_differ(root, monkeypatch):
+    import vilbert.selfcheck as module
+
+    options = RunOptions(**{**load_task_config(DEMO_TASK), "dataroot": str(root)})
+    assert module.loader_check(options, "cpu", timed=2)[0] == []
+    eval_loader = module.eval_loader
+
+    class Misplacing:  # a loader that hands over every region's spatials shifted
+        def __init__(self, dataset, options):
+            self.loader = eval_loader(dataset, options)
+            self.batch_sampler = self.loader.batch_sampler
+
+        def __iter__(self):
+            return ({**batch, "spatials": batch["spatials"] + 1} for batch in self.loader)
+
+    monkeypatch.setattr(module, "eval_loader", Misplacing)
+    check = SelfCheck(options, quick=True, gpus=0, out=lambda *a: None)
+    with pytest.raises(module.CheckFailed, match="differ from collate \\+ to_tensor in spatials$"):
+        check.check_loader()
 
 
 def test_a_micro_batch_that_runs_out_of_memory_is_halved_until_it_fits(monkeypatch):

@@ -23,11 +23,16 @@ import warnings
 
 def set_cpu_defaults() -> None:
     """Call before Paddle is first imported."""
-    os.environ.setdefault("MKL_NUM_THREADS", str(len(os.sched_getaffinity(0))))
+    os.environ.setdefault("MKL_NUM_THREADS", str(available_cpus()))
     os.environ.setdefault("MKL_DEBUG_CPU_TYPE", "5")
     # Paddle warns about a missing C++ compiler cache on every import; this project builds no extension.
     warnings.filterwarnings("ignore", message="No ccache found")
     _keep_freed_memory()
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask: what a job scheduler or `taskset` granted)."""
+    return len(os.sched_getaffinity(0))
 
 
 def cpu_threads() -> int:

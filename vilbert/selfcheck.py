@@ -15,6 +15,9 @@ same checks run on the CPU, and the real config's step at a small batch. The num
   `--amp`: time, peak memory, the estimated RefCOCO+ epoch time and the `--gradient_accumulation_steps` that fits;
 - repeatable: (GPU) two identical training steps with `--deterministic`'s flags give identical weights;
 - data: `download_dataset.sh --check` on the data root;
+- loader: the first val batches of the loader train.py uses, moved to this device, equal the plain path's
+  (collate, `paddle.to_tensor`); the train loader's samples/s with its copies to the device, at the run's
+  batch size and `--num_workers` (the feature caches are built first when missing, as train.py does);
 - checkpoint: `--from_pretrained` loads into the real config, with the key report.
 """
 
@@ -33,17 +36,21 @@ import paddle
 
 from .compat import MIN_VERSION, paddle_version
 from .config import ViLBertConfig
-from .engine import train_one_epoch
+from .dataset import collate
+from .engine import prepare, train_one_epoch
+from .loader import throughput
 from .model import VILBertForVLTasks
 from .optimization import BertAdam, build_param_groups
 from .options import PROJECT_ROOT, RunOptions
-from .training import build_grad_scaler, build_model, build_optimizer
+from .tokenization import BertTokenizer
+from .training import build_dataset, build_grad_scaler, build_model, build_optimizer, eval_loader, train_loader
 
 REFERENCE_DATA = PROJECT_ROOT / "tests" / "data"
 TRAIN_EXPRESSIONS = {"refcoco+": 120191, "refcoco": 120624, "refcocog": 80512}  # train split sizes (data_spec.md)
 PARITY_TOLERANCE = {"cpu": 1e-5, "gpu": 1e-4}  # vs the official output; GPU matmuls may use TF32
 OPTIMIZER_TOLERANCE = 1e-6
 DATA_SAMPLE = 200  # feature records read back per LMDB by the data check
+LOADER_BATCHES = (2, 20)  # val batches compared, train batches timed by the loader check
 REFERENCE_INPUTS = ("input_txt", "input_imgs", "image_loc", "token_type_ids", "attention_mask", "image_attention_mask",
                 "co_attention_mask")
 
@@ -159,6 +166,27 @@ def tiny_training(device: str, amp: str, steps: int = 2, seed: int = 0):
     return loss, {name: p.numpy() for name, p in model.named_parameters()}
 
 
+def loader_check(options: RunOptions, device: str, compared: int = LOADER_BATCHES[0],
+                 timed: int = LOADER_BATCHES[1]):
+    """(names of the arrays that differ, train loader samples/s, its worker threads). The first `compared` val batches of
+    `eval_loader` after `engine.prepare` (on a GPU: assembled in page-locked memory, then copied) against
+    collate + paddle.to_tensor + prepare of the same samples; then `timed` batches of `train_loader`, each
+    prepared, after the ones its threads had ready."""
+    paddle.set_device(device)
+    tokenizer = BertTokenizer(options.bert_model)
+    val = build_dataset(options, options.val_split, tokenizer)
+    loader = eval_loader(val, options)
+    differing = set()
+    for batch, indices, _ in zip(loader, loader.batch_sampler, range(compared)):
+        plain = prepare({k: paddle.to_tensor(v) for k, v in collate([val[i] for i in indices]).items()})
+        batch = prepare(batch)
+        differing.update(key for key in plain if key not in batch or batch[key].shape != plain[key].shape
+                         or not np.array_equal(batch[key].numpy(), plain[key].numpy()))
+    train = train_loader(build_dataset(options, options.train_split, tokenizer), options)
+    rate, _, _ = throughput(train, timed, skip=train.threads + 2, consume=prepare)
+    return sorted(differing), rate, train.threads
+
+
 # ---- the self-check -----------------------------------------------------------------------------------------------
 class SelfCheck:
     """Runs every check for the given run options; `results` fills as they end."""
@@ -175,7 +203,7 @@ class SelfCheck:
                             ("optimizer", self.check_optimizer), ("amp", self.check_amp),
                             ("launch", self.check_launch), ("step", self.check_step),
                             ("repeatable", self.check_repeatable), ("data", self.check_data),
-                            ("checkpoint", self.check_checkpoint)):
+                            ("loader", self.check_loader), ("checkpoint", self.check_checkpoint)):
             started = time.monotonic()
             try:
                 status, detail = check()
@@ -291,6 +319,19 @@ class SelfCheck:
         if done.returncode:
             raise CheckFailed(f"{self.options.dataroot}: {summary[0]} (bash download_dataset.sh {' '.join(command[2:])})")
         return "PASS", f"{self.options.dataroot}: {summary[0]}"
+
+    def check_loader(self):
+        if any(result.name == "data" and result.status == "FAIL" for result in self.results):
+            return "SKIP", "no readable data (the data check failed)"
+        options = self.options
+        differing, rate, threads = loader_check(options, self.device)
+        features = "float16 cache" if options.feature_cache else "LMDB, no cache"
+        detail = (f"val batches on {self.device} equal collate + to_tensor; train loader {rate:,.0f} samples/s "
+                  f"with its copies to {self.device} (batch {options.batch_size}, {threads} worker threads, "
+                  f"{features})")
+        if differing:
+            raise CheckFailed(f"the loader's val batches differ from collate + to_tensor in {', '.join(differing)}")
+        return "PASS", detail
 
     def check_checkpoint(self):
         if not self.options.from_pretrained:
