@@ -276,14 +276,27 @@ def test_dataloader_with_workers(demo_root, tokenizer, tmp_path):
     assert seen == len(data)
 
 
-def test_sample_hands_collate_views_of_the_cached_rows(root, tokenizer):
-    """What the loader copies from: the cache's own memory-mapped rows, not a gathered copy of them."""
-    for name in (DET, GT):
-        build_feature_cache(root / name, float16=True, progress=False)
-    det, gt = open_features(root / DET), open_features(root / GT)
-    data = ReferExpressionDataset(root, "train", tokenizer, det, gt)
-    blocks = data.sample(0)["features"]
-    assert len(blocks) == 2
-    assert np.shares_memory(blocks[0], det[1].features) and np.shares_memory(blocks[1], gt[1].features)
-    np.testing.assert_array_equal(np.concatenate(blocks), data[0]["features"])
-    np.testing.assert_array_equal(collate([data.sample(0)])["features"][0], data[0]["features"])
+@pytest.mark.parametrize("max_region_num", [100, 12])  # 12: rows are cut
+@pytest.mark.parametrize("features", ["LMDB", "cache fp16", "det cache fp16, gt LMDB"])
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_batch_is_collate_of_the_samples(demo_root, tokenizer, tmp_path, split, features, max_region_num):
+    """`batch` (what the loader calls) against `collate` of `self[i]` (the plain path): the same keys in the
+    same order, dtypes, shapes and values, padding included."""
+    root = Path(demo_root)
+    caches = {name: build_feature_cache(root / name, tmp_path / f"{name}.cache", float16=True, progress=False)
+              for name in ((DET, GT) if features == "cache fp16" else (DET,) if features != "LMDB" else ())}
+    det, gt = (open_features(root / name, cache=caches.get(name, False)) for name in (DET, GT))
+    data = ReferExpressionDataset(root, split, tokenizer, det, gt if split == "train" else None,
+                                  max_region_num=max_region_num, cache_dir=tmp_path)
+    order = np.random.default_rng(0).permutation(len(data))
+    for indices in [order[:1], order[:7], order[7:20], order]:
+        got, expected = data.batch(indices), collate([data[i] for i in indices])
+        assert list(got) == list(expected)
+        for key, value in expected.items():
+            assert got[key].dtype == value.dtype and got[key].shape == value.shape, key
+            np.testing.assert_array_equal(got[key], value, err_msg=key)
+    float32 = features == "LMDB" or split == "train" and features != "cache fp16"  # float16 only if all are
+    assert (got["image_mask"] == 0).any() and got["features"].dtype == (np.float32 if float32 else np.float16)
+    allocated = []
+    data.batch(order[:7], lambda shape, dtype: allocated.append(shape) or np.empty(shape, dtype))
+    assert len(allocated) == len(got)  # every array in memory `empty` gave

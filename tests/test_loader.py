@@ -122,10 +122,10 @@ class Broken:
     def __init__(self, dataset):
         self.dataset = dataset
 
-    def sample(self, index):
-        if index == 5:
+    def batch(self, indices, empty):
+        if 5 in indices:
             raise ValueError("sample 5 is corrupt")
-        return self.dataset.sample(index)
+        return self.dataset.batch(indices, empty)
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -171,9 +171,9 @@ def test_threads_are_capped_at_the_cpus_the_process_may_use(datasets, monkeypatc
         def __init__(self, dataset):
             self.dataset, self.threads = dataset, set()
 
-        def sample(self, index):
+        def batch(self, indices, empty):
             self.threads.add(threading.current_thread().name)
-            return self.dataset.sample(index)
+            return self.dataset.batch(indices, empty)
 
     monkeypatch.setattr(loader_module, "available_cpus", lambda: 2)
     dataset = Recording(datasets["val", True])

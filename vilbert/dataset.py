@@ -8,7 +8,8 @@ One sample per sentence of `REFER.getRefIds(split=split)`; the caption is the se
 - Regions: the detected boxes (whole-image row first); for the train split, followed by the referred
   objects' ground-truth boxes (without the gt file's whole-image row), cut to `max_region_num`.
 - Target: the IoU ("+1" pixel convention) of every region with the referred box; in train, values below 0.5
-  are zeroed. `collate` zero-pads the regions of a batch; padded rows are masked out by `image_mask`.
+  are zeroed. A batch (`batch`, or `collate` of samples) zero-pads the regions; padded rows are masked out
+  by `image_mask`.
 
 The tokenized entries of a split are cached under `cache_dir` in a file whose name carries a hash of
 everything they depend on (vocab, lengths, tokenization style, annotation files), so a stale cache is never
@@ -40,20 +41,21 @@ log = logging.getLogger(__name__)
 
 
 def iou_plus_one(boxes: np.ndarray, ref_box) -> np.ndarray:
-    """IoU [N] of x1y1x2y2 boxes [N, 4] with one box [4], boxes counted as inclusive pixel ranges (+1).
+    """IoU [...] of x1y1x2y2 boxes [..., 4] with the boxes ref_box [..., 4] (broadcast: one box [4] for all, or
+    [B, 1, 4] for a batch [B, R, 4]), boxes counted as inclusive pixel ranges (+1).
 
-    Float32 arithmetic in the official order (`iou()` of the official dataset files), so the targets and
-    the 0.5 decisions match the official ones exactly.
+    Float32 arithmetic in the official order (`iou()` of the official dataset files), element by element, so
+    the targets and the 0.5 decisions match the official ones exactly, batched or not.
     """
     boxes = np.asarray(boxes, np.float32)
     ref = np.asarray(ref_box, np.float32)
     one = np.float32(1)
-    sides = boxes[:, 2:] - boxes[:, :2] + one  # [N, 2] width, height
-    ref_sides = ref[2:] - ref[:2] + one
-    overlap = np.minimum(boxes[:, 2:], ref[2:]) - np.maximum(boxes[:, :2], ref[:2]) + one
+    sides = boxes[..., 2:] - boxes[..., :2] + one  # [..., 2] width, height
+    ref_sides = ref[..., 2:] - ref[..., :2] + one
+    overlap = np.minimum(boxes[..., 2:], ref[..., 2:]) - np.maximum(boxes[..., :2], ref[..., :2]) + one
     np.maximum(overlap, 0, out=overlap)
-    inter = overlap[:, 0] * overlap[:, 1]
-    return inter / (sides[:, 0] * sides[:, 1] + ref_sides[0] * ref_sides[1] - inter)
+    inter = overlap[..., 0] * overlap[..., 1]
+    return inter / (sides[..., 0] * sides[..., 1] + ref_sides[..., 0] * ref_sides[..., 1] - inter)
 
 
 def tokenize_expression(tokenizer: BertTokenizer, caption: str, max_seq_length: int,
@@ -67,18 +69,15 @@ def tokenize_expression(tokenizer: BertTokenizer, caption: str, max_seq_length: 
     return ([tokenizer.cls_token_id] + pieces + [tokenizer.sep_token_id])[:max_seq_length]
 
 
-def collate(batch: List[Dict[str, np.ndarray]], empty=np.empty) -> Dict[str, np.ndarray]:
+def collate(batch: List[Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
     """Samples -> one dict of numpy arrays (for `paddle.io.DataLoader(collate_fn=collate)`).
 
     Padding is decided here, once per batch: regions are zero-padded to the most regions any sample has, and
     tokens cut to the longest expression (the official code pads every sample to max_region_num and
     max_seq_length). Padded regions have image_mask 0 and target 0, so they add exactly 0 to the loss and are
     never chosen; padded tokens are only ever masked keys; the outputs on real rows are the same. Adds the
-    all-zero co_attention_mask [B, R, T] the official batch carries.
-
-    A sample's features may be a tuple of row blocks (`ReferExpressionDataset.sample`: views of the feature
-    readers' rows), copied here once, straight into the batch. `empty(shape, dtype)` allocates every batch
-    array: the loader's allocates them in the host memory the device copy reads (`vilbert.loader`).
+    all-zero co_attention_mask [B, R, T] the official batch carries. `ReferExpressionDataset.batch` builds
+    the same batch of its own samples without them.
     """
     size = len(batch)
     counts = np.array([len(sample["image_mask"]) for sample in batch])
@@ -87,31 +86,17 @@ def collate(batch: List[Dict[str, np.ndarray]], empty=np.empty) -> Dict[str, np.
     real = np.arange(regions) < counts[:, None]  # [B, R]: the rows that hold a region
     out = {}
     for key, first in batch[0].items():
-        if key == "features":
-            blocks = _blocks(first)
-            array = out[key] = empty((size, regions, blocks[0].shape[1]), np.result_type(*blocks))
-            for row, sample in zip(array, batch):
-                start = 0
-                for block in _blocks(sample[key]):
-                    row[start:start + len(block)] = block
-                    start += len(block)
-                row[start:] = 0
-        elif key in REGION_ARRAYS:
-            array = out[key] = empty((size, regions) + first.shape[1:], first.dtype)
+        if key in REGION_ARRAYS:
+            array = out[key] = np.empty((size, regions) + first.shape[1:],
+                                        np.result_type(*(sample[key] for sample in batch)))
             array[real] = np.concatenate([sample[key] for sample in batch])
             array[~real] = 0
         elif key in TOKEN_ARRAYS:
-            out[key] = np.stack([sample[key][:tokens] for sample in batch], out=empty((size, tokens), first.dtype))
+            out[key] = np.stack([sample[key][:tokens] for sample in batch])
         else:
-            first = np.asarray(first)
-            out[key] = np.stack([sample[key] for sample in batch], out=empty((size,) + first.shape, first.dtype))
-    out["co_attention_mask"] = empty((size, regions, tokens), np.float32)
-    out["co_attention_mask"][...] = 0
+            out[key] = np.stack([sample[key] for sample in batch])
+    out["co_attention_mask"] = np.zeros((size, regions, tokens), np.float32)
     return out
-
-
-def _blocks(features) -> tuple:
-    return features if isinstance(features, tuple) else (features,)
 
 
 class ReferExpressionDataset(paddle.io.Dataset):
@@ -119,7 +104,7 @@ class ReferExpressionDataset(paddle.io.Dataset):
 
     det_features / gt_features are readers from `vilbert.features` (`open_features`) of the detected-box and
     ground-truth-box LMDBs; the ground-truth boxes are mixed in for the train split only, where they are
-    required. `sample[...]`, one row per kept region (n <= max_region_num; `collate` pads the batch):
+    required. `self[i]`, one row per kept region (n <= max_region_num; `batch` and `collate` pad batches):
     features [n, 2048] (float32, or float16 from a float16 cache), spatials [n, 5], boxes [n, 4] (pixels
     x1y1x2y2), target [n, 1], image_mask [n] (ones); input_ids / input_mask / segment_ids [T];
     sent_id / ref_id / image_id (scalars).
@@ -237,35 +222,73 @@ class ReferExpressionDataset(paddle.io.Dataset):
         return len(self._sent_id)
 
     def __getitem__(self, index: int) -> Dict[str, np.ndarray]:
-        sample = self.sample(index)
-        sample["features"] = np.concatenate(sample["features"])
-        return sample
+        """One sample: a batch of one has no padded regions; its tokens are padded to max_seq_length."""
+        batch = self.batch([index])
+        tokens = self._tokens(np.array([index]), self.max_seq_length)
+        return {key: tokens.get(key, batch[key])[0] for key in batch if key != "co_attention_mask"}
 
-    def sample(self, index: int) -> Dict:
-        """`self[index]`, except that features is a tuple of row blocks: views of the feature readers' rows
-        (of the memory-mapped cache, or of a freshly decoded record), which `collate` copies into the batch
-        directly, so each feature byte is copied once on its way to the device."""
-        regions = self.max_region_num
-        image_id = self._image_id[index]
-        det = self.det_features[image_id]
-        num_det = min(det.num_boxes, regions)
-        # gt rows after all detections, without gt row 0: min(n + gn - 1, R) rows in all
-        gt = self.gt_features[image_id] if self.mixes_gt else None
-        num_gt = 0 if gt is None else min(gt.num_boxes - 1, regions - num_det)
-        features = (det.features[:num_det],)
-        spatials, boxes = det.spatials[:num_det], det.boxes[:num_det]
-        if num_gt:
-            features += (gt.features[1:1 + num_gt],)
-            spatials = np.concatenate([spatials, gt.spatials[1:1 + num_gt]])
-            boxes = np.concatenate([boxes, gt.boxes[1:1 + num_gt]])
+    def batch(self, indices, empty=np.empty) -> Dict[str, np.ndarray]:
+        """`collate([self[i] for i in indices])`, assembled for the whole batch at once.
+
+        Per sample: the detected boxes' rows (whole-image row first), for the train split followed by the
+        referred objects' ground-truth rows without the gt file's whole-image row, min(n + gn - 1, R) rows in
+        all. Every feature row is copied once, from the feature readers' rows (the memory-mapped cache) into
+        the batch, padding included, by one NumPy call (no Python between rows, so threads assembling batches
+        hold the GIL little); the IoU targets of all rows are computed in one pass. `empty(shape, dtype)` allocates every array (the loader's: the memory the device
+        copy reads, `vilbert.loader`).
+        """
+        indices = np.asarray(indices, np.int64)
+        image_ids = self._image_id[indices].tolist()
+        regions_cap = self.max_region_num
+        det = [self.det_features[image_id] for image_id in image_ids]
+        num_det = [min(region.num_boxes, regions_cap) for region in det]
+        gt = [self.gt_features[image_id] for image_id in image_ids] if self.mixes_gt else [None] * len(det)
+        num_gt = [0 if g is None else min(g.num_boxes - 1, regions_cap - n) for g, n in zip(gt, num_det)]
+        counts = np.add(num_det, num_gt)
+        size, regions = len(indices), int(counts.max())
+        real = np.arange(regions) < counts[:, None]  # [B, R]: the rows that hold a region
+        width = det[0].features.shape[1]
+        dtype = np.result_type(*(region.features for region in (det[0], gt[0]) if region is not None))
+        padding = np.zeros((regions, width), dtype)
+        features, spatials, boxes = [], [], []  # row blocks; features also take each sample's padding
+        for d, n, g, m, count in zip(det, num_det, gt, num_gt, counts):
+            features.append(d.features[:n])
+            spatials.append(d.spatials[:n])
+            boxes.append(d.boxes[:n])
+            if m:
+                features.append(g.features[1:1 + m])
+                spatials.append(g.spatials[1:1 + m])
+                boxes.append(g.boxes[1:1 + m])
+            if count < regions:
+                features.append(padding[:regions - count])
+        out = {"features": empty((size, regions, width), dtype)}
+        np.concatenate(features, out=out["features"].reshape(-1, width))
+        for name, blocks in (("spatials", spatials), ("boxes", boxes)):
+            array = out[name] = empty((size, regions, blocks[0].shape[1]), np.result_type(*blocks))
+            array[real] = np.concatenate(blocks)
+            array[~real] = 0
         # IoU of the kept rows only: the same as 12-in-1's `target[:mix_num] = mix_target[:mix_num]`; beta
-        # assigns the uncut mix_target and would crash when rows are cut.
-        target = iou_plus_one(boxes, self._ref_box[index])
+        # assigns the uncut mix_target and would crash when rows are cut
+        target = iou_plus_one(out["boxes"], self._ref_box[indices][:, None, :])
+        target[~real] = 0
         if self.mixes_gt:
             target[target < 0.5] = 0
-        return {
-            "features": features, "spatials": spatials, "boxes": boxes, "target": target[:, None],
-            "image_mask": np.ones(len(boxes), np.int64), "input_ids": self._input_ids[index].copy(),
-            "input_mask": self._input_mask[index].copy(), "segment_ids": np.zeros(self.max_seq_length, np.int64),
-            "sent_id": self._sent_id[index], "ref_id": self._ref_id[index], "image_id": image_id,
-        }
+        out["target"] = empty((size, regions, 1), np.float32)
+        out["target"][..., 0] = target
+        out["image_mask"] = empty((size, regions), np.int64)
+        out["image_mask"][...] = real
+        tokens = max(int(self._input_mask[indices].sum(1).max()), 1)
+        for name, values in self._tokens(indices, tokens).items():
+            out[name] = empty(values.shape, values.dtype)
+            out[name][...] = values
+        for name, values in (("sent_id", self._sent_id), ("ref_id", self._ref_id), ("image_id", self._image_id)):
+            out[name] = empty((size,), values.dtype)
+            out[name][...] = values[indices]
+        out["co_attention_mask"] = empty((size, regions, tokens), np.float32)
+        out["co_attention_mask"][...] = 0
+        return out
+
+    def _tokens(self, indices: np.ndarray, length: int) -> Dict[str, np.ndarray]:
+        """input_ids, input_mask, segment_ids [len(indices), length]: the first `length` token positions."""
+        return {"input_ids": self._input_ids[indices, :length], "input_mask": self._input_mask[indices, :length],
+                "segment_ids": np.zeros((len(indices), length), np.int64)}

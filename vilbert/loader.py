@@ -1,9 +1,9 @@
 """Batches of tensors from a dataset, assembled once into the host memory the device copy reads.
 
 Each batch is assembled in Paddle host tensors (page-locked `CUDAPinnedPlace` when training on a GPU, so the
-copy to the GPU is one DMA; `CPUPlace` otherwise) and filled through NumPy views of their memory by `collate`,
-which copies every feature row straight from the memory-mapped cache into it: one copy per byte, where
-gathering, padding and `paddle.to_tensor` made three. The memory of the large arrays is kept and reused from
+copy to the GPU is one DMA; `CPUPlace` otherwise) and filled through NumPy views of their memory by the
+dataset's `batch`, which copies every feature row straight from the memory-mapped cache into it: one copy per
+byte, where gathering, padding and `paddle.to_tensor` made three. The memory of the large arrays is kept and reused from
 batch to batch (`HostBuffers`).
 
 Workers are threads, not processes: assembling a batch is mostly memcpy, which NumPy runs without the GIL, so
@@ -23,7 +23,6 @@ import numpy as np
 import paddle
 from paddle import _C_ops
 
-from .dataset import collate
 from .runtime import available_cpus
 
 
@@ -111,7 +110,8 @@ class HostBuffers:
 
 
 class BatchLoader:
-    """Batches (dicts of tensors, see `dataset.collate`) of `dataset` in the order of `batch_sampler`.
+    """Batches (dicts of tensors: `dataset.batch(indices)`, see `ReferExpressionDataset.batch`) of `dataset` in
+    the order of `batch_sampler`.
 
     num_workers=0 assembles each batch in the calling thread when it is asked for; num_workers=N has N
     threads assemble the next N batches while the caller works on one, N at most the CPUs this process may
@@ -128,7 +128,7 @@ class BatchLoader:
         return len(self.batch_sampler)
 
     def batch(self, indices) -> Dict[str, paddle.Tensor]:
-        arrays = collate([self.dataset.sample(index) for index in indices], self.memory.empty)
+        arrays = self.dataset.batch(indices, self.memory.empty)
         return {key: tensor_of(array) for key, array in arrays.items()}
 
     def __iter__(self):
