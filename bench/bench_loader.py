@@ -7,17 +7,18 @@ the time memcpy takes to copy one batch's feature bytes once.
 Options are those of config/refcoco+.yml (batch 256, eval batch 1024, up to 100 regions) on the given root.
 Rows: num_workers 0, 1, 2, 4 of the shipped loader (`vilbert.loader.BatchLoader`: threads) on the float16
 cache (built on first use, as train.py does; its build time is printed) and on the LMDB alone, and Paddle's
-`paddle.io.DataLoader` with worker processes and `use_shared_memory=True` on the cache, the alternative to
-threads, for the train split only: at eval batch 1024 (420 MB of features per batch) its 4 workers and their
-prefetched batches were killed by the kernel's out-of-memory killer on this 24 GB machine. Each row times `--batches` batches after the first ones (worker start-up, and the batches the
-workers had ready by then: 2 + workers for threads, the extra one filling the blocks `HostBuffers` reuses;
-1 + 2 x workers for processes). The cache
-files are read once before timing, so the rows see them in the page cache, as every epoch after the first does.
+`paddle.io.DataLoader` with worker processes, each assembling whole batches with the same `dataset.batch`, and
+`use_shared_memory=True` on the cache, the alternative to threads, for the train split only: at eval batch 1024
+(420 MB of features per batch) its 4 workers and their prefetched batches were killed by the kernel's
+out-of-memory killer on this 24 GB machine. Each row times `--batches` batches after the first ones (worker
+start-up, and the batches the workers had ready by then: 2 + workers for threads, the extra one filling the
+blocks `HostBuffers` reuses; 1 + 2 x workers for processes). The cache files are read once before timing, so
+the rows see them in the page cache, as every epoch after the first does.
 `memcpy ms` is the time `np.copyto` takes for an array of the row's mean feature bytes per batch (warm
-buffers, best of 5), the floor for any loader that copies each feature byte once; `ratio` = loader ms per
+buffers, best of 7), the floor for any loader that copies each feature byte once; `ratio` = loader ms per
 batch / memcpy ms. The header's memory bandwidth with 1, 2 and 4 threads copying at once is how far more
-workers can take a loader whose work is mostly copying on this machine. The cache rows are measured in `--rounds` interleaved rounds, each keeping its best, which
-keeps the ratios stable on a shared machine.
+workers can take a loader whose work is mostly copying on this machine. The rows are measured in `--rounds`
+interleaved rounds, each keeping its best, which keeps the ratios stable on a shared machine.
 """
 
 import argparse
@@ -38,7 +39,6 @@ sys.path.insert(0, str(REPO))
 import vilbert  # noqa: E402,F401  (CPU settings before paddle loads)
 import paddle  # noqa: E402
 
-from vilbert.dataset import collate  # noqa: E402
 from vilbert.demo_data import DETECTED_LMDB, GT_LMDB, make_demo_dataset  # noqa: E402
 from vilbert.features import default_cache_path  # noqa: E402
 from vilbert.loader import throughput  # noqa: E402
@@ -99,8 +99,22 @@ def memcpy_seconds(nbytes: int, threads: int = 1) -> float:
     return best
 
 
+class Batches(paddle.io.Dataset):
+    """The batches of a sampler's pass, each assembled by `dataset.batch`, as items (Paddle's workers then
+    assemble whole batches the way our threads do)."""
+
+    def __init__(self, dataset, batch_sampler):
+        self.dataset, self.batches = dataset, list(batch_sampler)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, index: int):
+        return self.dataset.batch(self.batches[index])
+
+
 def paddle_process_loader(dataset, batch_sampler, workers: int):
-    return paddle.io.DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=collate, num_workers=workers,
+    return paddle.io.DataLoader(Batches(dataset, batch_sampler), batch_size=None, num_workers=workers,
                                 use_shared_memory=True)
 
 
@@ -109,9 +123,9 @@ def main(argv=None) -> None:
     parser.add_argument("--root", required=True, help="a RefCOCO+-format data root")
     parser.add_argument("--make_root", action="store_true", help="generate the root first if it is not there")
     parser.add_argument("--images", type=int, default=20000, help="images of a generated root (RefCOCO+: 19,992)")
-    parser.add_argument("--batches", type=int, default=12, help="timed batches per row")
-    parser.add_argument("--lmdb_batches", type=int, default=2, help="timed batches per row without the cache")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the cache rows; the best counts")
+    parser.add_argument("--batches", type=int, default=24, help="timed batches per row")
+    parser.add_argument("--lmdb_batches", type=int, default=4, help="timed batches per row without the cache")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of all rows; the best counts")
     args = parser.parse_args(argv)
     root = Path(args.root)
     if args.make_root and not (root / "refcoco+" / "refs(unc).p").exists():
@@ -155,7 +169,7 @@ def main(argv=None) -> None:
                 specs.append((("paddle processes, shm", split, features, workers),
                               functools.partial(paddle_process_loader, data[split], sampler, workers),
                               1 + 2 * workers))  # Paddle's prefetch_factor 2
-        for _ in range(args.rounds if cached else 1):  # interleaved rounds: a busy spell hits every row alike
+        for _ in range(args.rounds):  # interleaved rounds: a busy spell hits every row alike
             for row, make_loader, skip in specs:
                 try:
                     timed = args.batches if cached else args.lmdb_batches
@@ -168,7 +182,7 @@ def main(argv=None) -> None:
                 print(*row, f"{rate:,.0f}/s", flush=True)
 
     print(f"\nLoaders at config/refcoco+.yml (batch {options.batch_size}, eval batch {options.eval_batch_size}, "
-          f"up to {options.max_region_num} regions), one process, best of {args.rounds} rounds on the cache")
+          f"up to {options.max_region_num} regions), one process, best of {args.rounds} rounds")
     print(f"{'loader':<23}{'split':<7}{'features':<12}{'workers':>8}{'samples/s':>11}{'ms/batch':>10}"
           f"{'MB/batch':>10}{'memcpy ms':>11}{'ratio':>7}")
     for (name, split, features, workers), (rate, seconds, nbytes, copy) in rows.items():

@@ -1,5 +1,6 @@
 """On a CUDA build with a visible GPU: the numerics there match the CPU and the official code, both half precisions
-train, batches assembled in page-locked memory reach the GPU unchanged, and 2 GPUs launch. Skipped elsewhere; `python selfcheck.py` runs the same checks on the user's box."""
+train, batches assembled in page-locked memory reach the GPU unchanged, and 2 GPUs launch. Skipped elsewhere;
+`python selfcheck.py` runs the same checks on the user's box."""
 
 import numpy as np
 import paddle

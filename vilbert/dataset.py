@@ -234,8 +234,8 @@ class ReferExpressionDataset(paddle.io.Dataset):
         referred objects' ground-truth rows without the gt file's whole-image row, min(n + gn - 1, R) rows in
         all. Every feature row is copied once, from the feature readers' rows (the memory-mapped cache) into
         the batch, padding included, by one NumPy call (no Python between rows, so threads assembling batches
-        hold the GIL little); the IoU targets of all rows are computed in one pass. `empty(shape, dtype)` allocates every array (the loader's: the memory the device
-        copy reads, `vilbert.loader`).
+        hold the GIL little); the IoU targets of all rows are computed in one pass. `empty(shape, dtype)`
+        allocates every array (the loader's: the memory the device copy reads, `vilbert.loader`).
         """
         indices = np.asarray(indices, np.int64)
         image_ids = self._image_id[indices].tolist()

@@ -3,8 +3,8 @@
 Each batch is assembled in Paddle host tensors (page-locked `CUDAPinnedPlace` when training on a GPU, so the
 copy to the GPU is one DMA; `CPUPlace` otherwise) and filled through NumPy views of their memory by the
 dataset's `batch`, which copies every feature row straight from the memory-mapped cache into it: one copy per
-byte, where gathering, padding and `paddle.to_tensor` made three. The memory of the large arrays is kept and reused from
-batch to batch (`HostBuffers`).
+byte, where gathering, padding and `paddle.to_tensor` made three. The memory of the large arrays is kept and
+reused from batch to batch (`HostBuffers`).
 
 Workers are threads, not processes: assembling a batch is mostly memcpy, which NumPy runs without the GIL, so
 threads copy in parallel, and their batches need no further copy. Paddle's process workers must move every
@@ -115,8 +115,9 @@ class BatchLoader:
 
     num_workers=0 assembles each batch in the calling thread when it is asked for; num_workers=N has N
     threads assemble the next N batches while the caller works on one, N at most the CPUs this process may
-    use: threads beyond them only contend for the cores and the memory bus (at eval batch 1024 on 2 cores, 4
-    threads ran 19% below 2). Iterating again starts over (the sampler decides the order).
+    use: threads beyond them only contend for the cores and the memory bus (at eval batch 1024 on this
+    project's 2-core machine, 4 threads ran about a fifth slower than 2). Iterating again starts over (the
+    sampler decides the order).
     """
 
     def __init__(self, dataset, batch_sampler, num_workers: int = 0):
@@ -147,7 +148,6 @@ class BatchLoader:
                 yield pending.popleft().result()
         finally:  # also when the caller stops early or a batch failed: drop what has not started
             pool.shutdown(wait=True, cancel_futures=True)
-
 
 
 def throughput(loader, batches: int, skip: int, consume=None):

@@ -168,16 +168,16 @@ def tiny_training(device: str, amp: str, steps: int = 2, seed: int = 0):
 
 def loader_check(options: RunOptions, device: str, compared: int = LOADER_BATCHES[0],
                  timed: int = LOADER_BATCHES[1]):
-    """(names of the arrays that differ, train loader samples/s, its worker threads). The first `compared` val batches of
-    `eval_loader` after `engine.prepare` (on a GPU: assembled in page-locked memory, then copied) against
-    collate + paddle.to_tensor + prepare of the same samples; then `timed` batches of `train_loader`, each
+    """(names of the arrays that differ, train loader samples/s, its worker threads). The first `compared` val
+    batches of `eval_loader` after `engine.prepare` (on a GPU: assembled in page-locked memory, then copied)
+    against collate + paddle.to_tensor + prepare of the same samples; then `timed` batches of `train_loader`, each
     prepared, after the ones its threads had ready."""
     paddle.set_device(device)
     tokenizer = BertTokenizer(options.bert_model)
     val = build_dataset(options, options.val_split, tokenizer)
     loader = eval_loader(val, options)
     differing = set()
-    for batch, indices, _ in zip(loader, loader.batch_sampler, range(compared)):
+    for _, batch, indices in zip(range(compared), loader, loader.batch_sampler):
         plain = prepare({k: paddle.to_tensor(v) for k, v in collate([val[i] for i in indices]).items()})
         batch = prepare(batch)
         differing.update(key for key in plain if key not in batch or batch[key].shape != plain[key].shape
