@@ -1,4 +1,5 @@
-"""Samples/s of the RefCOCO+ dataset (`__getitem__` + collate, one process): ours against the official approach.
+"""Samples/s of RefCOCO+ batch assembly (one process): ours (`ReferExpressionDataset.batch`, what the loader
+calls) against the official approach (its `__getitem__`, then collate).
 
     python bench/bench_dataset.py [--train_images 300] [--keys 20000] [--batch 64] [--seconds 6] [--rounds 3]
 
@@ -9,7 +10,7 @@ every variant, so only sample assembly is timed, the work a DataLoader worker do
   `_image_features_reader.py`, `refer_expression_dataset.py`): `list.index` over the LMDB key list, padded
   here to `--keys` ids as in the real file (19,992 images), per-item unpickling and base64 decoding, the
   official numpy work (float64 padding, concatenations, copies), IoU in float32;
-- ours (LMDB): `ReferExpressionDataset` on `ImageFeaturesReader`;
+- ours (LMDB): `ReferExpressionDataset.batch` on `ImageFeaturesReader`;
 - ours (cache fp32 / fp16): on `FeatureCache` files built by `build_feature_cache` (fp16 features are
   handed on as float16; the model side casts each batch once).
 Variants are timed in interleaved rounds and each keeps its best round, which makes the ratios stable on a
@@ -148,7 +149,11 @@ def samples_per_second(dataset, batch: int, seconds: float) -> float:
     start, done = time.perf_counter(), 0
     while time.perf_counter() - start < seconds:
         first = dataset.position
-        collate([dataset[(first + i) % len(dataset)] for i in range(batch)])
+        indices = [(first + i) % len(dataset) for i in range(batch)]
+        if isinstance(dataset, ReferExpressionDataset):
+            dataset.batch(indices)
+        else:
+            collate([dataset[i] for i in indices])
         dataset.position, done = first + batch, done + batch
     return done / (time.perf_counter() - start)
 
@@ -203,8 +208,8 @@ def main(argv=None) -> None:
             for name, rate in best_rates(variants, args.batch, args.seconds, args.rounds).items():
                 rates[name, split] = rate
 
-    print(f"\nRefCOCO+ sample assembly (__getitem__ + collate, 1 process, batch {args.batch}, "
-          f"official key list {args.keys} ids)")
+    print(f"\nRefCOCO+ batch assembly (ours: dataset.batch; official: __getitem__ + collate), 1 process, "
+          f"batch {args.batch}, official key list {args.keys} ids")
     print(f"{'variant':<20}{'train/s':>10}{'vs official':>13}{'val/s':>10}{'vs official':>13}")
     for name in ("official", *readers):
         cells = "".join(f"{rates[name, split]:>10.0f}{rates[name, split] / rates['official', split]:>12.1f}x"
