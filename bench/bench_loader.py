@@ -12,8 +12,8 @@ cache (built on first use, as train.py does; its build time is printed) and on t
 (420 MB of features per batch) its 4 workers and their prefetched batches were killed by the kernel's
 out-of-memory killer on this 24 GB machine. Each row times `--batches` batches after the first ones (worker
 start-up, and the batches the workers had ready by then: 2 + 4 for threads, the extra one filling the blocks
-`HostBuffers` reuses; 1 + 2 x 4 for processes), so every row of a loader times the same batches. The cache files are read once before timing, so
-the rows see them in the page cache, as every epoch after the first does.
+`HostBuffers` reuses; 1 + 2 x 4 for processes), so every row of a loader times the same batches. The cache
+files are read once before timing, so the rows see them in the page cache, as every epoch after the first does.
 `memcpy ms` is the time `np.copyto` takes for an array of the row's mean feature bytes per batch (warm
 buffers, best of 7), the floor for any loader that copies each feature byte once; `ratio` = loader ms per
 batch / memcpy ms. The header's memory bandwidth with 1, 2 and 4 threads copying at once is how far more
