@@ -10,10 +10,11 @@ cache (built on first use, as train.py does; its build time is printed) and on t
 `paddle.io.DataLoader` with worker processes, each assembling whole batches with the same `dataset.batch`, and
 `use_shared_memory=True` on the cache, the alternative to threads, for the train split only: at eval batch 1024
 (420 MB of features per batch) its 4 workers and their prefetched batches were killed by the kernel's
-out-of-memory killer on this 24 GB machine. Each row times `--batches` batches after the first ones (worker
-start-up, and the batches the workers had ready by then: 2 + 4 for threads, the extra one filling the blocks
-`HostBuffers` reuses; 1 + 2 x 4 for processes), so every row of a loader times the same batches. The cache
-files are read once before timing, so the rows see them in the page cache, as every epoch after the first does.
+out-of-memory killer on this 24 GB machine. Each row times `--samples` samples (`--lmdb_samples` without the
+cache; whole batches, passes repeated) after the first batches (worker start-up, and the batches the workers
+had ready by then: 2 + 4 for threads, the extra one filling the blocks `HostBuffers` reuses; 1 + 2 x 4 for
+processes), so every row of a loader times the same batches. The cache files are read once before timing, so
+the rows see them in the page cache, as every epoch after the first does.
 `memcpy ms` is the time `np.copyto` takes for an array of the row's mean feature bytes per batch (warm
 buffers, best of 7), the floor for any loader that copies each feature byte once; `ratio` = loader ms per
 batch / memcpy ms. The header's memory bandwidth with 1, 2 and 4 threads copying at once is how far more
@@ -123,8 +124,8 @@ def main(argv=None) -> None:
     parser.add_argument("--root", required=True, help="a RefCOCO+-format data root")
     parser.add_argument("--make_root", action="store_true", help="generate the root first if it is not there")
     parser.add_argument("--images", type=int, default=20000, help="images of a generated root (RefCOCO+: 19,992)")
-    parser.add_argument("--batches", type=int, default=24, help="timed batches per row")
-    parser.add_argument("--lmdb_batches", type=int, default=6, help="timed batches per row without the cache")
+    parser.add_argument("--samples", type=int, default=50000, help="timed samples per row on the cache")
+    parser.add_argument("--lmdb_samples", type=int, default=3000, help="timed samples per row without the cache")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of all rows; the best counts")
     args = parser.parse_args(argv)
     root = Path(args.root)
@@ -158,21 +159,22 @@ def main(argv=None) -> None:
         opts = dataclasses.replace(options, feature_cache=cached, build_feature_cache=False)
         data = {split: build_dataset(opts, split, tokenizer) for split in (options.train_split, options.val_split)}
         features = "cache fp16" if cached else "LMDB"
-        specs = []  # (row, make the loader, batches to skip)
+        specs = []  # (row, make the loader, batches to skip, batches to time)
         for split, make in ((options.train_split, train_loader), (options.val_split, eval_loader)):
+            size = options.batch_size if split == options.train_split else options.eval_batch_size
+            timed = -(-(args.samples if cached else args.lmdb_samples) // size)
             for workers in WORKERS:
                 specs.append((("threads (shipped)", split, features, workers),
                               functools.partial(make, data[split], dataclasses.replace(opts, num_workers=workers)),
-                              2 + max(WORKERS)))  # the same timed batches in every row
+                              2 + max(WORKERS), timed))  # the same timed batches in every row
             for workers in WORKERS[1:] if cached and split == options.train_split else ():
                 sampler = make(data[split], opts).batch_sampler
                 specs.append((("paddle processes, shm", split, features, workers),
                               functools.partial(paddle_process_loader, data[split], sampler, workers),
-                              1 + 2 * max(WORKERS)))  # Paddle's prefetch_factor 2
+                              1 + 2 * max(WORKERS), timed))  # Paddle's prefetch_factor 2
         for _ in range(args.rounds):  # interleaved rounds: a busy spell hits every row alike
-            for row, make_loader, skip in specs:
+            for row, make_loader, skip, timed in specs:
                 try:
-                    timed = args.batches if cached else args.lmdb_batches
                     rate, seconds, nbytes = throughput(make_loader(), timed, skip)
                 except SystemError as err:  # Paddle's process workers died (out of shared memory, say)
                     print(*row, "failed:", str(err).splitlines()[0], flush=True)

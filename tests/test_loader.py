@@ -97,6 +97,22 @@ def test_dropped_batches_memory_is_reused(datasets, monkeypatch):
     assert len(large) == first_pass
 
 
+def test_host_buffers_keep_a_small_block_when_a_larger_array_comes(monkeypatch):
+    """A batch's arrays of several sizes share the blocks: one too small for a request stays for the next
+    small array (resizing it instead made the sizes take each other's blocks, a new block almost every time)."""
+    allocated = []
+    allocate = loader_module._allocate
+    monkeypatch.setattr(loader_module, "_allocate",
+                        lambda shape, dtype, place: allocated.append(shape) or allocate(shape, dtype, place))
+    memory = HostBuffers(paddle.CPUPlace())
+    small = HostBuffers.min_bytes // 4  # float32 elements
+    first = memory.empty((small,), np.float32)
+    del first
+    large = memory.empty((4, small), np.float32)
+    again = memory.empty((small,), np.float32)  # the first block: free, and it fits
+    assert allocated == [[small], [4 * small]] and large.size == 4 * small and again.size == small
+
+
 def test_host_buffers_hand_out_a_block_again_only_when_unreferenced():
     memory = HostBuffers(paddle.CPUPlace())
     shape = (2, HostBuffers.min_bytes // 4)  # float16: half the minimum per row, so both rows are kept

@@ -67,8 +67,9 @@ class HostBuffers:
     105 MB on this project's machine, against 4 ms to copy the features into memory written before), and on a
     GPU box each fresh page-locked block is a cudaHostAlloc. So an array is handed out as a tensor over the
     front of a kept block, and the block is handed out again only when nothing outside this object refers to
-    that tensor any more (CPython's reference count): a batch its caller keeps is never overwritten.
-    Thread-safe; the blocks are freed with this object (PyTorch's pinned-memory cache also keeps its blocks).
+    that tensor any more (CPython's reference count): a batch its caller keeps is never overwritten. The blocks
+    are those the batches alive at one time needed; they are freed with this object (PyTorch's pinned-memory
+    cache also keeps its blocks). Thread-safe.
     """
 
     min_bytes = 1 << 20  # smaller arrays come fresh from the allocator
@@ -92,16 +93,14 @@ class HostBuffers:
         return np.asarray(_HostTensor(tensor, dtype))
 
     def _free_block(self, count: int, dtype: np.dtype) -> list:
-        free = [entry for entry in self._blocks
-                if entry[0].dtype == getattr(paddle, dtype.name) and not self._in_use(entry)]
-        fitting = [entry for entry in free if entry[0].shape[0] >= count]
+        """The smallest free block that fits, else a new one: blocks are never resized or dropped, since a
+        batch's arrays of several sizes share them (resizing one for another made them trade places)."""
+        fitting = [entry for entry in self._blocks if entry[0].dtype == getattr(paddle, dtype.name)
+                   and entry[0].shape[0] >= count and not self._in_use(entry)]
         if fitting:
             return min(fitting, key=lambda entry: entry[0].shape[0])
-        entry = free[0] if free else [None, None]  # a free block that is too small is replaced
-        if not free:
-            self._blocks.append(entry)
-        entry[0], entry[1] = _allocate([count], dtype, self.place), None
-        return entry
+        self._blocks.append([_allocate([count], dtype, self.place), None])
+        return self._blocks[-1]
 
     @staticmethod
     def _in_use(entry: list) -> bool:

@@ -71,10 +71,11 @@ class RunOptions:
     gradient_accumulation_steps: int = 1
     # running
     seed: int = 0
-    # Loader threads (vilbert/loader.py); the one default, used by every config. Threads, not processes:
-    # batches are mostly memcpy, which runs outside the GIL, and need no copy out of a worker. 4 measured fastest
-    # for both loaders at the real config, even on 2 cores (train 13,948 samples/s vs 10,351 with 1; Paddle's
-    # shared-memory processes ~2,000; bench/bench_loader.py, README Speed); a GPU box has cores to spare.
+    # Loader threads (vilbert/loader.py); the one default, used by every config. Threads, not processes: a
+    # batch is assembled mostly by copies NumPy runs outside the GIL, straight into the memory the device copy
+    # reads; Paddle's shared-memory processes copy every batch twice more and stayed under 5,100 samples/s
+    # where threads gave 39,000 (bench/bench_loader.py, README Speed). 4: a GPU box has 4 cores to spare for
+    # them; on fewer CPUs the loader runs one thread per CPU, as more only contend.
     num_workers: int = 4
     device: str = "auto"  # auto: gpu when Paddle has CUDA, else cpu
     amp: str = "off"  # off, bf16, fp16
