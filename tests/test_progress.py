@@ -25,7 +25,9 @@ def test_a_log_file_gets_a_few_plain_lines_with_the_loops_figures():
     assert lines[-1].endswith("ETA 0:00:00, loss=0.1000")  # written after the step it counts
 
 
-def test_a_terminal_gets_tqdms_bar_and_a_disabled_one_nothing():
-    assert isinstance(progress(range(3), "x", stream=Terminal()), tqdm)
+def test_a_terminal_gets_tqdms_bar_in_the_loops_unit_and_a_disabled_one_nothing():
+    terminal = Terminal()
+    bar = progress(range(3), "x", stream=terminal, unit="images")
+    assert isinstance(bar, tqdm) and list(bar) == [0, 1, 2] and "images/s" in terminal.getvalue()
     quiet = io.StringIO()
     assert list(progress(range(3), "x", enabled=False, stream=quiet)) == [0, 1, 2] and quiet.getvalue() == ""

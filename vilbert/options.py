@@ -73,7 +73,7 @@ class RunOptions:
     seed: int = 0
     # Loader threads (vilbert/loader.py); the one default, used by every config. Threads, not processes: a
     # batch is assembled mostly by copies NumPy runs outside the GIL, straight into the memory the device copy
-    # reads; Paddle's shared-memory processes copy every batch twice more and stayed under 5,100 samples/s
+    # reads; Paddle's shared-memory processes copy every batch twice more and stayed near 5,000 samples/s
     # where threads gave 39,000 (bench/bench_loader.py, README Speed). 4: a GPU box has 4 cores to spare for
     # them; on fewer CPUs the loader runs one thread per CPU, as more only contend.
     num_workers: int = 4

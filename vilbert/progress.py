@@ -20,7 +20,7 @@ def progress(iterable, desc: str, *, enabled: bool = True, stream=None, unit: st
     stream = stream or sys.stderr
     if enabled and not stream.isatty():
         return PlainProgress(iterable, desc, stream, unit)
-    return tqdm(iterable, desc=desc, disable=not enabled, dynamic_ncols=True, file=stream)
+    return tqdm(iterable, desc=desc, disable=not enabled, dynamic_ncols=True, file=stream, unit=unit)
 
 
 class PlainProgress:
