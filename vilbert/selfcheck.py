@@ -38,6 +38,7 @@ from .compat import MIN_VERSION, paddle_version
 from .config import ViLBertConfig
 from .dataset import collate
 from .engine import prepare, train_one_epoch
+from .features import FeatureCache
 from .loader import throughput
 from .model import VILBertForVLTasks
 from .optimization import BertAdam, build_param_groups
@@ -168,7 +169,7 @@ def tiny_training(device: str, amp: str, steps: int = 2, seed: int = 0):
 
 def loader_check(options: RunOptions, device: str, compared: int = LOADER_BATCHES[0],
                  timed: int = LOADER_BATCHES[1]):
-    """(names of the arrays that differ, train loader samples/s, its worker threads). The first `compared` val
+    """(names of the arrays that differ, train loader samples/s, the train loader). The first `compared` val
     batches of `eval_loader` after `engine.prepare` (on a GPU: assembled in page-locked memory, then copied)
     against collate + paddle.to_tensor + prepare of the same samples; then `timed` batches of `train_loader`, each
     prepared, after the ones its threads had ready."""
@@ -184,7 +185,7 @@ def loader_check(options: RunOptions, device: str, compared: int = LOADER_BATCHE
                          or not np.array_equal(batch[key].numpy(), plain[key].numpy()))
     train = train_loader(build_dataset(options, options.train_split, tokenizer), options)
     rate, _, _ = throughput(train, timed, skip=train.threads + 2, consume=prepare)
-    return sorted(differing), rate, train.threads
+    return sorted(differing), rate, train
 
 
 # ---- the self-check -----------------------------------------------------------------------------------------------
@@ -324,10 +325,11 @@ class SelfCheck:
         if any(result.name == "data" and result.status == "FAIL" for result in self.results):
             return "SKIP", "no readable data (the data check failed)"
         options = self.options
-        differing, rate, threads = loader_check(options, self.device)
-        features = "float16 cache" if options.feature_cache else "LMDB, no cache"
+        differing, rate, train = loader_check(options, self.device)
+        reader = train.dataset.det_features
+        features = f"{reader.dtype} cache" if isinstance(reader, FeatureCache) else "LMDB, no cache"
         detail = (f"val batches on {self.device} equal collate + to_tensor; train loader {rate:,.0f} samples/s "
-                  f"with its copies to {self.device} (batch {options.batch_size}, {threads} worker threads, "
+                  f"with its copies to {self.device} (batch {options.batch_size}, {train.threads} worker threads, "
                   f"{features})")
         if differing:
             raise CheckFailed(f"the loader's val batches differ from collate + to_tensor in {', '.join(differing)}")
