@@ -202,8 +202,7 @@ def score_expressions(model, queries, max_region_num: int, task_id: int = 0):
             "input_ids": np.pad(np.asarray(input_ids, np.int64), (0, length - len(input_ids))),
             "input_mask": (np.arange(length) < len(input_ids)).astype(np.int64),
             "segment_ids": np.zeros(length, np.int64)})
-    batch = {key: paddle.to_tensor(value) for key, value in collate(samples).items()}
-    batch["features"] = batch["features"].astype("float32")
+    batch = prepare({key: paddle.to_tensor(value) for key, value in collate(samples).items()})
     output = model(*(batch[k] for k in MODEL_INPUTS), task_ids=task_ids_for(batch, task_id, model))
     logits = output.vision_logit[:, :, 0].astype("float32").numpy()
     return [(logits[i, :len(sample["image_mask"])], regions.boxes[:len(sample["image_mask"])])
