@@ -99,7 +99,7 @@ def test_dropped_batches_memory_is_reused(datasets, monkeypatch):
 
 def test_host_buffers_keep_a_small_block_when_a_larger_array_comes(monkeypatch):
     """A batch's arrays of several sizes share the blocks: one too small for a request stays for the next
-    small array (resizing it instead made the sizes take each other's blocks, a new block almost every time)."""
+    small array (resized instead, it would leave that array to a new block)."""
     allocated = []
     allocate = loader_module._allocate
     monkeypatch.setattr(loader_module, "_allocate",

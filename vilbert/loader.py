@@ -94,7 +94,8 @@ class HostBuffers:
 
     def _free_block(self, count: int, dtype: np.dtype) -> list:
         """The smallest free block that fits, else a new one: blocks are never resized or dropped, since a
-        batch's arrays of several sizes share them (resizing one for another made them trade places)."""
+        batch's arrays of several sizes share them (resizing a block too small for one array would take it
+        from the smaller array that needs it next)."""
         fitting = [entry for entry in self._blocks if entry[0].dtype == getattr(paddle, dtype.name)
                    and entry[0].shape[0] >= count and not self._in_use(entry)]
         if fitting:
