@@ -29,14 +29,14 @@ interleaved rounds, each keeping its best, which keeps the ratios stable on a sh
 import argparse
 import dataclasses
 import functools
-import os
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
+
+from host import describe_cpu
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -52,18 +52,6 @@ from vilbert.tokenization import BertTokenizer  # noqa: E402
 from vilbert.training import build_dataset, eval_loader, train_loader  # noqa: E402
 
 WORKERS = (0, 1, 2, 4)
-
-
-def cpu_flags() -> str:
-    """Model name and the SIMD flags that matter for memcpy, from lscpu."""
-    try:
-        info = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "lscpu not available"
-    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
-    flags = fields.get("Flags", "").split()
-    simd = [f for f in flags if f in ("avx2", "avx512f", "avx512bw", "avx512vl")] or ["no avx2/avx512"]
-    return f"{fields.get('Model name', '?').strip()}, {os.cpu_count()} CPUs, {' '.join(simd)}"
 
 
 def disk_size(path: Path) -> int:
@@ -135,7 +123,7 @@ def main(argv=None) -> None:
     root = Path(args.root)
     if args.make_root and not (root / "refcoco+" / "refs(unc).p").exists():
         make_root(root, args.images)
-    print(f"CPU: {cpu_flags()}")
+    print(describe_cpu())
     print(f"Paddle {paddle.__version__}, {'CUDA' if paddle.is_compiled_with_cuda() else 'CPU-only'} build")
     print(f"Root {root}: {disk_size(root) / 2**30:.1f} GiB on disk", flush=True)
     batch_bytes = 105 << 20

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from host import describe_cpu
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -169,22 +171,6 @@ def ask(process, command):
     if not answer:
         raise RuntimeError(f"the benchmark process {process.args[3]} died (its error is above)")
     return json.loads(answer)
-
-
-def describe_cpu(no_avx512):
-    """The CPU model and which vector extensions it has (Linux /proc/cpuinfo), and whether AVX-512 was hidden."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "CPU: unknown (no /proc/cpuinfo)"
-    fields = {}
-    for line in info.splitlines():  # the first processor's entries
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())
-    flags = set(fields.get("flags", "").split())
-    vector = [flag for flag in ("avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl") if flag in flags]
-    hidden = "; AVX-512 hidden from NumPy, PyTorch, MKL and oneDNN (--no_avx512)" if no_avx512 else ""
-    return f"CPU: {fields.get('model name', '?')}, {os.cpu_count()} CPUs, {' '.join(vector)}{hidden}"
 
 
 def main():
