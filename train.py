@@ -1,7 +1,8 @@
-"""Fine-tune ViLBERT on RefCOCO+ (or RefCOCO, RefCOCOg: --dataset) referring expressions; val accuracy every epoch.
+"""Fine-tune ViLBERT on a task: referring expressions (RefCOCO+, or RefCOCO, RefCOCOg: --dataset) or VQA 2.0
+(--task vqa); the task's val metric every epoch.
 
-The defaults (config/refcoco+.yml) are the recipe of the run behind the paper's 72.34 val; every option is
-also a flag, named as in the official scripts.
+The defaults are the task's recipe of the run behind the paper (config/refcoco+.yml: the 72.34 val;
+config/vqa.yml); every option is also a flag, named as in the official scripts.
 
   # 1 GPU (or CPU), from the Conceptual Captions checkpoint of vilbert_beta:
   python train.py --from_pretrained checkpoints/bert_base_6_layer_6_connect_freeze_0/pytorch_model_8.bin
@@ -9,31 +10,35 @@ also a flag, named as in the official scripts.
   python -m paddle.distributed.launch --devices 0,1,2,3 train.py --from_pretrained ...
   # continue a stopped run where it left off:
   python train.py --resume auto
-  # the embedded demo: small model from scratch on generated data, on CPU (any of the three datasets):
+  # VQA 2.0 (train on trainval, score minval), the same launch forms:
+  python train.py --task vqa --from_pretrained ...
+  # the embedded demo: small model from scratch on generated data, on CPU (any of the three datasets, or VQA):
   python train.py --demo
   python train.py --demo --dataset refcocog
+  python train.py --demo --task vqa
 """
 
 from pathlib import Path
 
 import vilbert  # noqa: F401  (sets CPU threading defaults before paddle loads)
-from vilbert.options import build_parser, load_task_config, parse_options, DEMO_TASK_CONFIG
+from vilbert.options import PROJECT_ROOT, build_parser, load_task_config, parse_options
+from vilbert.tasks import get_task
 from vilbert.training import exit_on_user_error, fit
 
 
 def ensure_demo_data(options) -> None:
-    """Generate the demo data of the dataset at the demo config's own data root if it is not there yet."""
-    refs = Path(options.dataroot, options.dataset, f"refs({options.splitBy}).p")
-    if refs.exists():
+    """Generate the task's demo data at the demo config's own data root if it is not there yet."""
+    task = get_task(options.task)
+    marker = task.data_marker(options)
+    if marker.exists():
         return
-    if Path(options.dataroot) != Path(load_task_config(DEMO_TASK_CONFIG)["dataroot"]):
-        raise FileNotFoundError(f"--dataroot {options.dataroot} has no {options.dataset}/{refs.name}; point it at a "
-                                f"data root of {options.dataset} (see `bash download_dataset.sh --check --dataset "
-                                f"{options.dataset} --dataroot {options.dataroot}`)")
-    from vilbert.demo_data import make_demo_dataset
-
+    demo_root = load_task_config(PROJECT_ROOT / "config" / task.configs[1])["dataroot"]
+    if Path(options.dataroot) != Path(demo_root):
+        raise FileNotFoundError(f"--dataroot {options.dataroot} has no {marker.relative_to(options.dataroot)}; point "
+                                f"it at a data root of {options.dataset} (see `bash download_dataset.sh --check "
+                                f"{task.download_args(options)} --dataroot {options.dataroot}`)")
     print(f"Generating the {options.dataset} demo data in {options.dataroot} ...")
-    make_demo_dataset(options.dataroot, dataset=options.dataset)
+    task.make_demo_data(options)
 
 
 @exit_on_user_error()

@@ -23,7 +23,7 @@ from vilbert.checkpoint import (DROPPED, LINEAR_WEIGHTS, CheckpointError, conver
                                 load_pretrained, read_checkpoint, read_state_dict, read_training_state,
                                 save_checkpoint)
 from vilbert.config import ViLBertConfig
-from vilbert.model import VILBertForVLTasks
+from vilbert.model import TASK_HEADS, VILBertForVLTasks
 from tools.convert_checkpoint import main as convert_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,9 +132,10 @@ def write_torch(path, obj, legacy: bool, byteorder: str = "little") -> Path:
 # Synthetic official checkpoints of the tiny model
 
 
-def tiny_model(seed: int, **changes) -> VILBertForVLTasks:
+def tiny_model(seed: int, heads=("vision_logit",), num_labels=0, classifier="beta", **changes) -> VILBertForVLTasks:
     paddle.seed(seed)
-    return VILBertForVLTasks(ViLBertConfig.from_dict({**TINY, **changes}))
+    return VILBertForVLTasks(ViLBertConfig.from_dict({**TINY, **changes}), heads=heads, num_labels=num_labels,
+                             classifier=classifier)
 
 
 def model_linear_weights(model) -> set:
@@ -317,6 +318,69 @@ def test_files_written_by_real_torch_read_exactly_and_load(name):
         np.testing.assert_array_equal(value.numpy(), expected, err_msg=key)
 
 
+def real_torch_file_model(classifier: str, num_labels: int) -> VILBertForVLTasks:
+    """The model of tests/data/official_tiny*.bin with every task head."""
+    reference = np.load(ROOT / "tests" / "data" / "official_tiny.npz")
+    return VILBertForVLTasks(ViLBertConfig.from_dict(json.loads(str(reference["config_json"]))), heads=TASK_HEADS,
+                             num_labels=num_labels, classifier=classifier)
+
+
+@pytest.mark.parametrize("name, classifier, num_labels, other_heads", [
+    ("official_tiny_beta_legacy.bin", "beta", 7, 2),  # linguisic_logit
+    ("official_tiny_mt_zip.bin", "12in1", 3129, 16),  # + vil_prediction_gqa, vil_binary_prediction, vil_tri_prediction
+])
+def test_each_familys_file_loads_every_head_with_every_key_accounted_for(name, classifier, num_labels, other_heads):
+    path = ROOT / "tests" / "data" / name
+    lines = []
+    report = load_pretrained(real_torch_file_model(classifier, num_labels), path, log=lines.append)
+    assert report.problems() == [] and report.fresh == []
+    dropped = {reason: len(keys) for reason, keys in report.dropped.items()}
+    assert dropped == {Q_DENSE: 8, CLS: 14, HEADS: other_heads}
+    assert sorted(report.kept + sum(report.dropped.values(), [])) == sorted(read_state_dict(path))
+    assert len(report.kept) == 201 and len(report.transposed) == 74
+    assert {key.split(".")[0] for key in report.kept if not key.startswith("bert.")} == set(TASK_HEADS)
+    assert lines[0].splitlines()[0].endswith("; transposed 74 Linear weights to [in, out]")
+
+
+@pytest.mark.parametrize("name, classifier, num_labels, held", [
+    ("official_tiny_mt_zip.bin", "beta", 3129, "12in1"), ("official_tiny_beta_legacy.bin", "12in1", 7, "beta")])
+def test_a_vil_prediction_of_the_other_family_says_which_classifier_to_set(name, classifier, num_labels, held):
+    with pytest.raises(CheckpointError) as excinfo:
+        load_pretrained(real_torch_file_model(classifier, num_labels), ROOT / "tests" / "data" / name)
+    message = str(excinfo.value)
+    assert "1 problem(s)" in message and f"set --classifier {held}" in message
+    assert ("vil_prediction.logit_fc.*" in message and "vil_prediction.main.*" in message
+            and "--config_file" not in message)
+
+
+def test_a_vil_prediction_of_another_answer_count_names_the_answer_vocabulary():
+    with pytest.raises(CheckpointError) as excinfo:
+        load_pretrained(real_torch_file_model("beta", 5), ROOT / "tests" / "data" / "official_tiny_beta_legacy.bin")
+    message = str(excinfo.value)
+    assert "1 problem(s)" in message and "--config_file" not in message
+    assert ("the checkpoint's vil_prediction has 7 answers, the model 5: use the answer vocabulary "
+            "(cache/trainval_ans2label.pkl) the checkpoint was trained with") in message
+
+
+@pytest.mark.parametrize("legacy", [True, False], ids=["legacy", "zip"])
+def test_beta_vil_prediction_keeps_its_0d_weight_g_through_torch_and_paddle_files(tmp_path, source_model, legacy):
+    state = official_state(source_model, "beta")
+    path = write_torch(tmp_path / "pytorch_model_19.bin", state, legacy)
+    model = tiny_model(seed=2, heads=TASK_HEADS, num_labels=1)
+    report = load_pretrained(model, path, log=lambda *_: None)
+    assert report.problems() == [] and "vil_prediction.main.0.weight_g" in report.kept
+    head = model.vil_prediction.main[0]
+    assert head.weight_g.shape == [] and float(head.weight_g) == 1.5
+    np.testing.assert_array_equal(head.weight_v.numpy(), state["vil_prediction.main.0.weight_v"].storage.data
+                                  .reshape(2 * TINY["bi_hidden_size"], TINY["bi_hidden_size"]).T)
+    ours = save_checkpoint(model.state_dict(), tmp_path / "vqa.pdparams")
+    read = read_checkpoint(ours)
+    assert read.source == "paddle" and read.state["vil_prediction.main.0.weight_g"].shape == ()
+    again = tiny_model(seed=3, heads=TASK_HEADS, num_labels=1)
+    load_pretrained(again, ours, log=lambda *_: None)
+    assert_same_weights(again, model)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Official layout: which weights are transposed
 
@@ -404,6 +468,19 @@ def test_pretraining_checkpoint_leaves_vision_logit_fresh_with_a_notice(tmp_path
         load_pretrained(tiny_model(seed=2), path, allow_fresh_heads=False)
     assert "missing from the checkpoint: vision_logit.weight [8, 1]" in str(excinfo.value)
     assert "missing from the checkpoint: vision_logit.bias [1]" in str(excinfo.value)
+
+
+@pytest.mark.parametrize("classifier", ["beta", "12in1"])
+def test_pretraining_checkpoint_leaves_every_task_head_fresh(tmp_path, source_model, classifier):
+    path = write_torch(tmp_path / "pytorch_model_8.bin", official_state(source_model, "pretraining"), legacy=True)
+    model = tiny_model(seed=2, heads=TASK_HEADS, num_labels=4, classifier=classifier)
+    init = {name: value.numpy().copy() for name, value in model.state_dict().items()}
+    lines = []
+    report = load_pretrained(model, path, log=lines.append)
+    assert set(report.fresh) == {name for name in init if not name.startswith("bert.")}
+    assert "freshly initialised vil_logit, vil_prediction, vision_logit" in lines[0]
+    for name in report.fresh:
+        np.testing.assert_array_equal(model.state_dict()[name].numpy(), init[name])
 
 
 def test_pretraining_checkpoint_leaves_the_task_token_fresh_too(tmp_path, source_model):

@@ -118,7 +118,7 @@ def test_12in1_tokenization_cuts_the_wordpieces_before_cls_and_sep(root, tokeniz
     assert short["input_ids"].tolist() == [101] + words + [102] + [0] * 15  # short: as beta
     letters = tokenizer.convert_tokens_to_ids(LONG.split())
     assert long["input_ids"].tolist() == [101] + letters[:18] + [102]  # 12-in-1 keeps its [SEP]
-    assert data.cache_path != build(root, "train", tokenizer).cache_path  # a cache per tokenization
+    assert data.cache.path != build(root, "train", tokenizer).cache.path  # a cache per tokenization
     with pytest.raises(ValueError, match="tokenization='bert' must be one of beta, 12in1"):
         build(root, "train", tokenizer, tokenization="bert")
 
@@ -174,7 +174,7 @@ def test_demo_layouts_give_identical_samples(demo_root, demo_root_mt, tokenizer,
 
 def test_entries_cache_is_reused_and_keyed(root, tokenizer, monkeypatch, tmp_path, caplog):
     first = build(root, "train", tokenizer)
-    path = first.cache_path
+    path = first.cache.path
     assert path.parent == root / "cache" and path.name.startswith("refcoco+_train_20_100_") and path.exists()
 
     def no_parsing(*args, **kwargs):
@@ -189,18 +189,18 @@ def test_entries_cache_is_reused_and_keyed(root, tokenizer, monkeypatch, tmp_pat
     vocab = tmp_path / "vocab.txt"
     vocab.write_text(Path(tokenizer.vocab_file).read_text() + "extraword\n")  # ids unchanged, content not
     names = {path.name,
-             build(root, "train", tokenizer, max_seq_length=12).cache_path.name,
-             build(root, "train", tokenizer, max_region_num=50).cache_path.name,
-             build(root, "train", BertTokenizer(str(vocab))).cache_path.name}
+             build(root, "train", tokenizer, max_seq_length=12).cache.path.name,
+             build(root, "train", tokenizer, max_region_num=50).cache.path.name,
+             build(root, "train", BertTokenizer(str(vocab))).cache.path.name}
     refs = root / "refcoco+" / "refs(unc).p"
     os.utime(refs, ns=(refs.stat().st_atime_ns, refs.stat().st_mtime_ns + 10**9))
-    names.add(build(root, "train", tokenizer).cache_path.name)
+    names.add(build(root, "train", tokenizer).cache.path.name)
     assert len(names) == 5  # every change gives a new cache; a stale one is never read
 
     shorter = build(root, "train", tokenizer, max_seq_length=12)
     assert shorter[1]["input_ids"].tolist() == [101] + tokenizer.convert_tokens_to_ids(LONG.split())[:11]
 
-    current = build(root, "train", tokenizer).cache_path
+    current = build(root, "train", tokenizer).cache.path
     current.write_bytes(b"garbage")
     rebuilt = build(root, "train", tokenizer)
     assert "Rebuilding the entries cache" in caplog.text and rebuilt.entries == first.entries
@@ -210,7 +210,7 @@ def test_entries_cache_is_reused_and_keyed(root, tokenizer, monkeypatch, tmp_pat
 
 def test_cache_dir_option(root, tokenizer, tmp_path):
     data = build(root, "val", tokenizer, cache_dir=tmp_path / "elsewhere")
-    assert data.cache_path.parent == tmp_path / "elsewhere" and data.cache_path.exists()
+    assert data.cache.path.parent == tmp_path / "elsewhere" and data.cache.path.exists()
 
 
 def test_bad_inputs(root, tokenizer, tmp_path):

@@ -31,7 +31,7 @@ sys.path.insert(0, {project!r})
 from vilbert.model import VILBertForVLTasks
 
 _init = VILBertForVLTasks.__init__
-VILBertForVLTasks.__init__ = lambda self, config, dropout_prob=0.1: _init(self, config, 0.0)
+VILBertForVLTasks.__init__ = lambda self, config, dropout_prob=0.1, **heads: _init(self, config, dropout_prob=0.0, **heads)
 import train
 
 train.main()
@@ -40,7 +40,8 @@ train.main()
 
 def head_dropout_off(monkeypatch) -> None:
     init = VILBertForVLTasks.__init__
-    monkeypatch.setattr(VILBertForVLTasks, "__init__", lambda self, config, dropout_prob=0.1: init(self, config, 0.0))
+    monkeypatch.setattr(VILBertForVLTasks, "__init__",
+                        lambda self, config, dropout_prob=0.1, **heads: init(self, config, dropout_prob=0.0, **heads))
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import tarfile
 import threading
+import zipfile
 from pathlib import Path
 
 import lmdb
@@ -178,3 +179,151 @@ def test_refcocog_comes_from_the_12in1_archive_and_only_it_is_extracted(mirror, 
     assert "All files present and readable." in result.stdout
     again = run("--dataset", "refcocog", "--dataroot", str(target), "--mirror", url)
     assert again.returncode == 0 and "datasets.tar.gz: already downloaded, skipped" in again.stdout
+
+
+# ---------------------------------------------------------------- VQA 2.0 (--task vqa)
+
+VQA_CACHE = ("cache/train_target.pkl", "cache/val_target.pkl", "cache/trainval_ans2label.pkl",
+             "cache/trainval_label2ans.pkl")
+VQA_ZIPS = {"v2_Questions_Train_mscoco.zip": "v2_OpenEnded_mscoco_train2014_questions.json",
+            "v2_Questions_Val_mscoco.zip": "v2_OpenEnded_mscoco_val2014_questions.json",
+            "v2_Questions_Test_mscoco.zip": "v2_OpenEnded_mscoco_test2015_questions.json",
+            "v2_Annotations_Train_mscoco.zip": "v2_mscoco_train2014_annotations.json",
+            "v2_Annotations_Val_mscoco.zip": "v2_mscoco_val2014_annotations.json"}
+COCO_LMDBS = ("coco_trainval_resnet101_faster_rcnn_genome.lmdb", "coco_test_resnet101_faster_rcnn_genome.lmdb")
+
+
+def vqa_problems(stdout):
+    """The audit's problem lines (not tools/audit_features.py's tables after it)."""
+    return [line.strip() for line in stdout.split("\nregion-feature LMDB")[0].splitlines()
+            if line.strip().startswith(("MISSING", "UNREADABLE", "PROBLEM"))]
+
+
+@pytest.fixture
+def vqa_copy(tmp_path, vqa_root):
+    """A copy of the generated VQA root (and its coco/ beside it) to damage; returns its data root."""
+    shutil.copytree(vqa_root.parent, tmp_path / "data")
+    return tmp_path / "data" / "VQA"
+
+
+def test_vqa_check_passes_on_a_generated_root(vqa_root):
+    result = run("--check", "--task", "vqa", "--dataroot", str(vqa_root))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"Data root: {vqa_root} (VQA 2.0; features in {vqa_root.parent / 'coco'})" in result.stdout
+    assert "All files present and readable." in result.stdout and vqa_problems(result.stdout) == []
+    assert result.stdout.count("vilbert_beta records") == 2 and result.stdout.count("problems         none") == 2
+    assert "minval is all of val, trainval is train only" in result.stdout
+    assert "pytorch_model_19.bin" in result.stdout and "config/vqa_12in1.yml" in result.stdout
+    same = run("--check", "--dataset", "vqa", "--dataroot", str(vqa_root))  # the configs' dataset name picks the task
+    assert same.returncode == 0 and "All files present and readable." in same.stdout
+
+
+def other_questions_targets(root):
+    """cache/train_target.pkl replaced by the val questions' targets."""
+    (root / "cache" / "train_target.pkl").write_bytes((root / "cache" / "val_target.pkl").read_bytes())
+    return (f"PROBLEM  {root / 'cache' / 'train_target.pkl'} holds ",
+            "they are not of the same questions; take both from one download")
+
+
+def no_test_lmdb(root):
+    shutil.rmtree(root.parent / "coco" / COCO_LMDBS[1])
+    return f"MISSING  {root.parent / 'coco' / COCO_LMDBS[1]}", ""
+
+
+def image_without_features(root):
+    """The first image's record and key removed from the trainval LMDB."""
+    path = root.parent / "coco" / COCO_LMDBS[0]
+    env = lmdb.open(str(path), map_size=1 << 30)
+    with env.begin(write=True) as txn:
+        keys = pickle.loads(txn.get(b"keys"))
+        txn.delete(keys[0])
+        txn.put(b"keys", pickle.dumps(keys[1:]))
+    env.close()
+    return (f"PROBLEM  {path}: 1 of the {len(keys)} images of v2_OpenEnded_mscoco_train2014_questions.json and "
+            f"v2_OpenEnded_mscoco_val2014_questions.json have no record, e.g. [{int(keys[0])}]",
+            "these features are not of these questions; take them from one download")
+
+
+def swapped_ans2label(root):
+    """Two answers' labels swapped in ans2label only."""
+    label2ans = pickle.loads((root / "cache" / "trainval_label2ans.pkl").read_bytes())
+    ans2label = pickle.loads((root / "cache" / "trainval_ans2label.pkl").read_bytes())
+    ans2label[label2ans[0]], ans2label[label2ans[1]] = 1, 0
+    (root / "cache" / "trainval_ans2label.pkl").write_bytes(pickle.dumps(ans2label, protocol=2))
+    return (f"PROBLEM  {root / 'cache' / 'trainval_ans2label.pkl'} ({len(ans2label)} answers) and "
+            f"{root / 'cache' / 'trainval_label2ans.pkl'} ({len(label2ans)}) do not describe the same answer "
+            "vocabulary", "take both from one download")
+
+
+@pytest.mark.parametrize("damage", [other_questions_targets, no_test_lmdb, image_without_features, swapped_ans2label])
+def test_vqa_check_names_each_problem_in_one_line(vqa_copy, damage):
+    start, fix = damage(vqa_copy)
+    result = run("--check", "--task", "vqa", "--dataroot", str(vqa_copy))
+    (problem,) = vqa_problems(result.stdout)  # one line, naming the file, what is wrong and the fix
+    assert result.returncode == 1 and problem.startswith(start) and fix in problem, problem
+    assert (f"1 of 11 missing, unreadable or inconsistent: run `bash download_dataset.sh --task vqa --dataroot "
+            f"{vqa_copy}`") in result.stdout
+
+
+def test_vqa_check_on_an_empty_root_lists_every_file(tmp_path):
+    result = run("--check", "--task", "vqa", "--dataroot", str(tmp_path / "VQA"))
+    assert result.returncode == 1
+    problems = vqa_problems(result.stdout)
+    assert len(problems) == 9 and all(line.startswith("MISSING") for line in problems)  # annotations: optional
+    assert result.stdout.count("absent   (optional") == 2
+    assert f"run `bash download_dataset.sh --task vqa --dataroot {tmp_path / 'VQA'}`" in result.stdout
+
+
+def test_vqa_arguments():
+    result = run("--task", "vqa", "--dataset", "refcocog", "--check")
+    assert result.returncode == 1 and "--dataset refcocog is a referring-expression dataset" in result.stderr
+    result = run("--task", "gqa")
+    assert result.returncode == 1 and "--task gqa: choose refer or vqa" in result.stderr
+
+
+@pytest.fixture
+def vqa_mirror(mirror, vqa_root):
+    """visualqa.org's zips, 12-in-1's datasets.tar.gz (VQA/cache/ and more) and the COCO LMDBs, served."""
+    served, url = mirror
+    for archive, name in VQA_ZIPS.items():
+        with zipfile.ZipFile(served / archive, "w") as z:
+            z.write(vqa_root / name, name)
+    with tarfile.open(served / "datasets.tar.gz", "w:gz") as tar:
+        for name in VQA_CACHE:
+            tar.add(vqa_root / name, f"datasets/VQA/{name}")
+        tar.add(vqa_root / VQA_ZIPS["v2_Questions_Val_mscoco.zip"], "datasets/VQA/cache/VQA_minval_23_cleaned.pkl")
+    for name in COCO_LMDBS:
+        (served / name).mkdir()
+        shutil.copy(vqa_root.parent / "coco" / name / "data.mdb", served / name / "data.mdb")
+    return served, url
+
+
+@needs_downloader
+def test_vqa_download_from_a_mirror_then_skips_what_is_there(vqa_mirror, vqa_root, tmp_path):
+    served, url = vqa_mirror
+    target = tmp_path / "data" / "VQA"
+    result = run("--task", "vqa", "--dataroot", str(target), "--mirror", url)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for name in (*VQA_ZIPS.values(), *VQA_CACHE):
+        assert (target / name).read_bytes() == (vqa_root / name).read_bytes(), name
+    assert sorted(p.name for p in target.iterdir()) == sorted([*VQA_ZIPS.values(), "cache", "datasets.tar.gz"])
+    assert sorted(p.name for p in (target / "cache").iterdir()) == sorted(Path(name).name for name in VQA_CACHE)
+    for name in COCO_LMDBS:
+        assert (tmp_path / "data" / "coco" / name / "data.mdb").read_bytes() == (served / name / "data.mdb").read_bytes()
+    size = (served / "datasets.tar.gz").stat().st_size
+    assert "The VQA answer caches" in result.stdout and f"({size} bytes, as the server reports it)" in result.stdout
+    assert "All files present and readable." in result.stdout and not list(tmp_path.rglob("*.part"))
+    again = run("--task", "vqa", "--dataroot", str(target), "--mirror", url)
+    assert again.returncode == 0 and again.stdout.count("already present") == len(VQA_ZIPS) + 1 + len(COCO_LMDBS)
+
+
+def test_vqa_download_says_where_the_coco_features_come_from(vqa_root, tmp_path):
+    """vilbert_beta's COCO features have no direct link: with everything else there, the script names the
+    Dropbox folder and where each LMDB goes, fetches nothing, and exits 1."""
+    shutil.copytree(vqa_root, tmp_path / "data" / "VQA")
+    result = run("--task", "vqa", "--dataroot", str(tmp_path / "data" / "VQA"))
+    assert result.returncode == 1
+    assert "https://www.dropbox.com/sh/09182lupkagw1ov/AACShSEVClAh6CzbhyIKxmtga?dl=0" in result.stdout
+    for name in COCO_LMDBS:
+        assert f"{tmp_path / 'data' / 'coco' / name / 'data.mdb'}\n" in result.stdout
+    assert "features_100/COCO_trainval_resnext152_faster_rcnn_genome.lmdb/data.mdb" in result.stdout

@@ -17,10 +17,11 @@ import pytest
 
 from tools.make_trajectory_reference import ACCUMULATIONS, OUT, as_rows, initial_weights, make_data_root, run_options
 from training_support import make_tiny_root, run_flags
-from vilbert import ViLBertConfig, VILBertForVLTasks, engine
+from vilbert import ViLBertConfig, VILBertForVLTasks
 from vilbert.checkpoint import convert_state_dict
 from vilbert.engine import train_one_epoch
 from vilbert.options import build_parser, parse_options
+from vilbert.tasks import get_task, refer
 from vilbert.tokenization import BertTokenizer
 from vilbert.training import build_dataset, build_grad_scaler, build_model, build_optimizer, train_loader
 
@@ -61,7 +62,7 @@ def test_fp16_scaler_steps_updates_and_skips_a_non_finite_step(root, tmp_path, s
     assert scaler._enable and np.asarray(scaler.state_dict()["scale"]).item() == INIT_SCALE
     calls = poison_backward(model, poisoned_micro_step)
     optimizer.set_epoch(0)
-    loss, _ = train_one_epoch(model, loader, optimizer, epoch=0, accumulation=accumulation, scaler=scaler,
+    loss, _ = train_one_epoch(model, loader, optimizer, task=get_task("refer"), epoch=0, accumulation=accumulation, scaler=scaler,
                               show_progress=False)
     optimizer_steps = len(loader) // accumulation
     assert len(calls) == len(loader) and optimizer_steps >= 3 and np.isfinite(loss)
@@ -82,7 +83,7 @@ def test_a_clean_fp16_epoch_trains_as_fp32_does(root, tmp_path, scaler_on_gpu):
     for scaler in (None, build_grad_scaler("fp16")):
         model, loader, optimizer = setup_run(root, tmp_path, 1)
         optimizer.set_epoch(0)
-        train_one_epoch(model, loader, optimizer, epoch=0, scaler=scaler, show_progress=False)
+        train_one_epoch(model, loader, optimizer, task=get_task("refer"), epoch=0, scaler=scaler, show_progress=False)
         results.append({name: p.numpy() for name, p in model.named_parameters()})
     plain, scaled = results
     assert max(float(np.abs(plain[name] - scaled[name]).max()) for name in plain) < 1e-5
@@ -139,12 +140,12 @@ def train(reference, root, accumulation, monkeypatch):
         losses.append(float(loss))
         return loss
 
-    real_loss = engine.rec_loss
-    monkeypatch.setattr(engine, "rec_loss", recorded_loss)
+    real_loss = refer.rec_loss
+    monkeypatch.setattr(refer, "rec_loss", recorded_loss)
     for epoch in range(options.num_train_epochs):
         loader.batch_sampler.set_epoch(epoch)
         optimizer.set_epoch(epoch)
-        train_one_epoch(model, loader, optimizer, epoch=epoch, accumulation=accumulation, show_progress=False)
+        train_one_epoch(model, loader, optimizer, task=get_task("refer"), epoch=epoch, accumulation=accumulation, show_progress=False)
     return model, np.array(losses).reshape(options.num_train_epochs, -1)
 
 

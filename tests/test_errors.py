@@ -16,6 +16,7 @@ import eval as eval_script
 import predict
 import train
 import vilbert.engine
+import vilbert.tasks.refer
 import vilbert.training
 from training_support import PROJECT, TEST_MODEL, make_tiny_root, read_metrics, run_flags
 from vilbert.checkpoint import save_checkpoint
@@ -215,14 +216,14 @@ def test_resume_from_a_missing_checkpoint(root, tmp_path):
 # ---- during training ----------------------------------------------------------------------------------------
 def test_nan_loss_stops_with_its_place_and_keeps_the_last_checkpoint(root, tmp_path, monkeypatch):
     epoch_now = []
-    real_epoch, real_loss = vilbert.training.train_one_epoch, vilbert.engine.rec_loss
+    real_epoch, real_loss = vilbert.training.train_one_epoch, vilbert.tasks.refer.rec_loss
 
     def train_one_epoch(*args, epoch, **kwargs):
         epoch_now.append(epoch)
         return real_epoch(*args, epoch=epoch, **kwargs)
 
     monkeypatch.setattr(vilbert.training, "train_one_epoch", train_one_epoch)
-    monkeypatch.setattr(vilbert.engine, "rec_loss",
+    monkeypatch.setattr(vilbert.tasks.refer, "rec_loss",
                         lambda logit, target: real_loss(logit, target) * (float("nan") if epoch_now[-1] else 1.0))
     message = one_line_error(train.main, run_flags(root, tmp_path / "out"))
     assert "training loss is nan at epoch 1, step 0 (sent_ids [" in message and "--learning_rate" in message

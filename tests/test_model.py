@@ -3,7 +3,7 @@ import paddle
 import pytest
 
 from vilbert.config import ViLBertConfig
-from vilbert.model import BertEncoder, VILBertForVLTasks
+from vilbert.model import TASK_HEADS, BertEncoder, VILBertForVLTasks
 
 B, T, N = 2, 6, 5
 
@@ -128,3 +128,107 @@ def test_vision_logit_head_runs_outside_bf16_autocast(model):
     padding = (1.0 - x["image_attention_mask"].astype("float32")) * -10000.0
     head = model.vision_logit(rounded.sequence_output_v) + padding.unsqueeze(2)  # float32, outside the emulation
     np.testing.assert_array_equal(rounded.vision_logit.numpy(), head.numpy())
+
+
+def heads_model(classifier="beta", num_labels=7, **changes):
+    paddle.seed(0)
+    model = VILBertForVLTasks(tiny_config(**changes), heads=TASK_HEADS, num_labels=num_labels, classifier=classifier)
+    model.eval()
+    return model
+
+
+def test_default_model_builds_only_vision_logit(model):
+    out = model(**inputs())
+    assert out.vil_prediction is None and out.vil_logit is None
+    assert not any(name.startswith("vil_") for name in model.state_dict())
+
+
+def test_a_model_without_vision_logit_returns_none_there():
+    model = VILBertForVLTasks(tiny_config(), heads=("vil_logit",))
+    model.eval()
+    out = model(**inputs())
+    assert out.vision_logit is None and out.vil_prediction is None and out.vil_logit.shape == [B, 1]
+    assert {name for name in model.state_dict() if not name.startswith("bert.")} == {"vil_logit.weight",
+                                                                                     "vil_logit.bias"}
+
+
+@pytest.mark.parametrize("classifier, shapes", [
+    ("beta", {"vil_prediction.main.0.weight_g": [], "vil_prediction.main.0.weight_v": [16, 32],
+              "vil_prediction.main.0.bias": [32], "vil_prediction.main.3.weight_g": [],
+              "vil_prediction.main.3.weight_v": [32, 7], "vil_prediction.main.3.bias": [7]}),
+    ("12in1", {"vil_prediction.logit_fc.0.weight": [16, 32], "vil_prediction.logit_fc.0.bias": [32],
+               "vil_prediction.logit_fc.2.weight": [32], "vil_prediction.logit_fc.2.bias": [32],
+               "vil_prediction.logit_fc.3.weight": [32, 7], "vil_prediction.logit_fc.3.bias": [7]}),
+])
+def test_each_classifier_has_its_familys_official_names_and_output_shapes(classifier, shapes):
+    model = heads_model(classifier)
+    state = model.state_dict()
+    assert {name: list(value.shape) for name, value in state.items() if name.startswith("vil_prediction.")} == shapes
+    assert list(state["vil_logit.weight"].shape) == [16, 1]
+    out = model(**inputs())
+    assert out.vil_prediction.shape == [B, 7] and out.vil_logit.shape == [B, 1] and out.vision_logit.shape == [B, N, 1]
+    assert out.vil_prediction.dtype == out.vil_logit.dtype == paddle.float32
+
+
+@pytest.mark.parametrize("fusion", ["mul", "sum"])
+def test_vil_heads_read_the_fused_pooled_vector(fusion):
+    model = heads_model("12in1", fusion_method=fusion)
+    out = model(**inputs())
+    t, v = out.pooled_output_t, out.pooled_output_v
+    pooled = t * v if fusion == "mul" else t + v
+    np.testing.assert_allclose(out.vil_logit.numpy(), model.vil_logit(pooled).numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(out.vil_prediction.numpy(), model.vil_prediction(pooled).numpy(), rtol=1e-6,
+                               atol=1e-6)
+
+
+def test_beta_classifier_is_the_weight_normed_mlp_and_starts_at_w_equal_v():
+    model = heads_model("beta")
+    out = model(**inputs())
+    pooled = (out.pooled_output_t * out.pooled_output_v).numpy()
+    first, last = model.vil_prediction.main[0], model.vil_prediction.main[3]
+    for layer in (first, last):  # the official init: g = ||v||, zero bias
+        assert abs(float(layer.weight_g) - np.linalg.norm(layer.weight_v.numpy())) < 1e-5
+        assert not layer.bias.numpy().any()
+    with paddle.no_grad():
+        last.weight_g.set_value(np.array(2.0, "float32"))
+        last.bias.set_value(np.arange(7, dtype="float32"))
+    weight = [layer.weight_g.numpy() * layer.weight_v.numpy() / np.linalg.norm(layer.weight_v.numpy())
+              for layer in (first, last)]
+    expected = np.maximum(pooled @ weight[0] + first.bias.numpy(), 0) @ weight[1] + last.bias.numpy()
+    np.testing.assert_allclose(model(**inputs()).vil_prediction.numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_only_betas_classifier_has_dropout():
+    """beta's head drops half its hidden units in training; 12-in-1's has no dropout (its argument is unused)."""
+    off = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, v_hidden_dropout_prob=0.0,
+               v_attention_probs_dropout_prob=0.0)
+    for classifier, varies in (("beta", True), ("12in1", False)):
+        paddle.seed(0)
+        model = VILBertForVLTasks(tiny_config(**off), heads=TASK_HEADS, num_labels=7, classifier=classifier,
+                                  dropout_prob=0.0)
+        model.train()
+        x = inputs()
+        a, b = model(**x).vil_prediction.numpy(), model(**x).vil_prediction.numpy()
+        assert (not np.array_equal(a, b)) == varies, classifier
+
+
+def test_unknown_heads_and_a_classifier_without_answers_are_refused():
+    with pytest.raises(ValueError, match="unknown task head"):
+        VILBertForVLTasks(tiny_config(), heads=("vil_binary_prediction",))
+    with pytest.raises(ValueError, match="num_labels"):
+        VILBertForVLTasks(tiny_config(), heads=("vil_prediction",))
+    with pytest.raises(ValueError, match="classifier"):
+        VILBertForVLTasks(tiny_config(), heads=("vil_prediction",), num_labels=3, classifier="lxmert")
+
+
+@pytest.mark.filterwarnings("ignore:amp_guard can only be enabled")
+@pytest.mark.parametrize("classifier", ["beta", "12in1"])
+def test_vil_heads_run_outside_bf16_autocast(classifier):
+    from tools.bf16_numerics import bf16_matmuls
+
+    model = heads_model(classifier)
+    with bf16_matmuls(), paddle.amp.auto_cast(enable=True, dtype="bfloat16"):
+        rounded = model(**inputs())
+    pooled = rounded.pooled_output_t * rounded.pooled_output_v  # float32, outside the emulation
+    np.testing.assert_array_equal(rounded.vil_prediction.numpy(), model.vil_prediction(pooled).numpy())
+    np.testing.assert_array_equal(rounded.vil_logit.numpy(), model.vil_logit(pooled).numpy())

@@ -133,11 +133,11 @@ def fail_at_epoch_1(monkeypatch, target: str) -> None:
     else:
         real_plot, plots = vilbert.training.plot_curves, []
 
-        def plot(history, path):
+        def plot(history, path, task):
             plots.append(path)
             if len(plots) == 2:
                 raise Killed
-            real_plot(history, path)
+            real_plot(history, path, task)
 
         monkeypatch.setattr(vilbert.training, "plot_curves", plot)
 

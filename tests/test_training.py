@@ -20,6 +20,7 @@ from vilbert.engine import forward
 from vilbert.model import VILBertForVLTasks
 from vilbert.options import RunOptions, load_task_config
 from vilbert.tokenization import BertTokenizer
+from vilbert.tasks import get_task
 from vilbert.training import build_dataset
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -129,8 +130,8 @@ def test_batch_padding_keeps_loss_and_choice(root, split):
     paddle.seed(0)
     model = VILBertForVLTasks(ViLBertConfig.from_json(TEST_MODEL))
     model.eval()
-    full_loss, full_logit = forward(model, batch)
-    trim_loss, trim_logit = forward(model, trimmed)
+    full_loss, full_logit = forward(model, batch, get_task("refer"))
+    trim_loss, trim_logit = forward(model, trimmed, get_task("refer"))
     np.testing.assert_allclose(float(trim_loss), float(full_loss), rtol=1e-6)
     np.testing.assert_allclose(trim_logit.numpy(), full_logit[:, :regions].numpy(), rtol=1e-6, atol=1e-6)
     assert (trim_logit.squeeze(2).argmax(1).numpy() == full_logit.squeeze(2).argmax(1).numpy()).all()

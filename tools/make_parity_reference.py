@@ -12,18 +12,22 @@ their own package names (their package is called ``vilbert``, like ours), with s
 The config (``config/vilbert_tiny_parity.json``, official keys only) gives text, vision and co-attention different
 widths and head counts, so a swapped stream or a missed transpose fails on shape, and co-attention ids that leave
 text layers before the first co-attention, vision layers between two, and tail layers in both streams. The weights
-are the official random init with every 1-D parameter (biases, LayerNorm weights and biases) perturbed, because the
-init leaves those at 0 or 1, where a dropped or misplaced one would go unnoticed. Inputs have padded text and
-padded regions. Writes, under tests/data/:
+are the official random init with every 0-d and 1-D parameter (biases, LayerNorm weights and biases, beta's
+weight-norm scales ``weight_g``) perturbed, because the init leaves those at 0, 1 or ||v||, where a dropped or
+misplaced one would go unnoticed. beta's answer head has ``NUM_LABELS`` outputs; 12-in-1's has its hard-coded 3129
+(the official class as it is). Inputs have padded text and padded regions; every model runs in eval mode.
+Writes, under tests/data/:
 
 - ``official_tiny.npz``: ``config_json``; ``weight/<official name>`` (beta state_dict, torch layout, float32);
-  ``input/<name>`` (the 7 forward arguments); ``output/<name>`` (``vision_logit`` of the full model, the sequence
-  and pooled outputs of its ``bert`` trunk); ``check/mt_vision_logit_max_abs_diff``.
+  ``weight_12in1/<official name>`` (12-in-1's ``vil_prediction.logit_fc.*``); ``input/<name>`` (the 7 forward
+  arguments); ``output/<name>``: ``vision_logit``, ``vil_logit``, ``vil_prediction_beta`` (beta's weight-normed
+  head) and ``vil_prediction_12in1`` (12-in-1's ``logit_fc`` head) of the full models, the sequence and pooled
+  outputs of beta's ``bert`` trunk; ``check/mt_vision_logit_max_abs_diff``, ``check/mt_vil_logit_max_abs_diff``.
 - ``official_tiny_beta_legacy.bin``: beta ``VILBertForVLTasks`` state_dict in the legacy (torch < 1.6) pickle
   format, as the released checkpoints are (its bytes change from run to run: torch keys storages by address).
 - ``official_tiny_mt_zip.bin``: the same weights in a 12-in-1 ``VILBertForVLTasks`` state_dict (its own extra
-  heads random) in the zip format. Its ``vision_logit`` must equal beta's (model_spec.md: both trunks compute the
-  same function); the difference is recorded in the npz.
+  heads random, perturbed likewise) in the zip format. Its ``vision_logit`` and ``vil_logit`` must equal beta's
+  (model_spec.md: both trunks compute the same function); the differences are recorded in the npz.
 """
 import argparse
 import contextlib
@@ -47,7 +51,10 @@ SOURCES = {"beta": "https://github.com/jiasenlu/vilbert_beta",
            "mt": "https://github.com/facebookresearch/vilbert-multi-task"}
 INPUT_NAMES = ("input_txt", "input_imgs", "image_loc", "token_type_ids", "attention_mask", "image_attention_mask",
                "co_attention_mask")  # the official positional order
-VISION_LOGIT_POSITION = {"beta": 4, "mt": 6}  # index of vision_logit in each VILBertForVLTasks.forward tuple
+# index of each task head's output in the VILBertForVLTasks.forward tuple of each flavour
+OUTPUT_POSITIONS = {"beta": {"vil_prediction": 0, "vil_logit": 1, "vision_logit": 4},
+                    "mt": {"vil_prediction": 0, "vil_logit": 2, "vision_logit": 6}}
+NUM_LABELS = 7  # beta's vil_prediction outputs (12-in-1 hard-codes 3129)
 # What the official utils.py imports but the model never uses, stubbed only when it cannot be imported.
 STUBS = {"torch._six": {"inf": math.inf}, "tensorboardX": {"SummaryWriter": object}, "boto3": {}, "requests": {},
          "botocore": {}, "botocore.exceptions": {"ClientError": Exception}}
@@ -91,14 +98,14 @@ def import_official(src, flavour, module="vilbert"):
     return importlib.import_module(f"{package}.{module}")
 
 
-def build_official(vilbert, config_path, seed):
-    """The official ``VILBertForVLTasks`` (RefCOCO+: num_labels 1) with its own init, 1-D parameters perturbed."""
+def build_official(vilbert, config_path, seed, num_labels=NUM_LABELS):
+    """The official ``VILBertForVLTasks`` with its own init, 0-d and 1-D parameters perturbed, in eval mode."""
     torch.manual_seed(seed)
-    model = vilbert.VILBertForVLTasks(vilbert.BertConfig.from_json_file(str(config_path)), num_labels=1)
+    model = vilbert.VILBertForVLTasks(vilbert.BertConfig.from_json_file(str(config_path)), num_labels=num_labels)
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for param in model.parameters():
-            if param.dim() == 1:
+            if param.dim() <= 1:
                 param.add_(0.1 * torch.randn(param.shape, generator=generator))
     return model.eval()
 
@@ -145,12 +152,13 @@ def make_inputs(config, text_lengths, region_counts, num_tokens, num_regions, se
 
 @torch.no_grad()
 def run_official(model, flavour, inputs):
-    """vision_logit of the full model; sequence and pooled outputs of its ``bert`` trunk (numpy, float32)."""
+    """The task heads of the full model; sequence and pooled outputs of its ``bert`` trunk (numpy, float32)."""
     args = [torch.from_numpy(inputs[name]) for name in INPUT_NAMES]
     sequence_t, sequence_v, pooled_t, pooled_v, _ = model.bert(*args, output_all_encoded_layers=False)
-    vision_logit = model(*args)[VISION_LOGIT_POSITION[flavour]]
-    outputs = {"vision_logit": vision_logit, "pooled_output_t": pooled_t, "pooled_output_v": pooled_v,
-               "sequence_output_t": sequence_t, "sequence_output_v": sequence_v}
+    heads = model(*args)
+    outputs = {name: heads[position] for name, position in OUTPUT_POSITIONS[flavour].items()}
+    outputs.update(pooled_output_t=pooled_t, pooled_output_v=pooled_v, sequence_output_t=sequence_t,
+                   sequence_output_v=sequence_v)
     return {name: value.numpy().astype(np.float32) for name, value in outputs.items()}
 
 
@@ -191,13 +199,18 @@ def main():
         mt = build_official(import_official(src["mt"], "mt"), args.config, args.seed + 100)
     copy_shared_weights(beta, mt)
     outputs = run_official(beta, "beta", inputs)
-    mt_diff = max_abs_diff(run_official(mt, "mt", inputs)["vision_logit"], outputs["vision_logit"])
-    if mt_diff > 1e-6:
-        raise RuntimeError(f"12-in-1 and beta disagree on vision_logit by {mt_diff:.3g} with the same weights")
+    mt_outputs = run_official(mt, "mt", inputs)
+    mt_diffs = {name: max_abs_diff(mt_outputs[name], outputs[name]) for name in ("vision_logit", "vil_logit")}
+    if max(mt_diffs.values()) > 1e-6:
+        raise RuntimeError(f"12-in-1 and beta disagree with the same weights: max |diff| {mt_diffs}")
+    outputs["vil_prediction_beta"] = outputs.pop("vil_prediction")
+    outputs["vil_prediction_12in1"] = mt_outputs["vil_prediction"]
 
     record = {"config_json": np.array(config_json),
-              "check/mt_vision_logit_max_abs_diff": np.array(mt_diff, np.float32),
+              **{f"check/mt_{name}_max_abs_diff": np.array(diff, np.float32) for name, diff in mt_diffs.items()},
               **{f"weight/{name}": value.numpy().astype(np.float32) for name, value in beta.state_dict().items()},
+              **{f"weight_12in1/{name}": value.numpy().astype(np.float32) for name, value in mt.state_dict().items()
+                 if name.startswith("vil_prediction.")},
               **{f"input/{name}": value for name, value in inputs.items()},
               **{f"output/{name}": value for name, value in outputs.items()}}
     save_atomic(out / "official_tiny.npz", lambda tmp: np.savez_compressed(tmp, **record))
@@ -205,8 +218,9 @@ def main():
     save_state_dict(mt, out / "official_tiny_mt_zip.bin", legacy=False)
     for name in ("official_tiny.npz", "official_tiny_beta_legacy.bin", "official_tiny_mt_zip.bin"):
         print(f"wrote {out / name} ({(out / name).stat().st_size:,} bytes)")
-    print(f"beta: {len(beta.state_dict())} entries, 12-in-1: {len(mt.state_dict())} entries; "
-          f"12-in-1 vs beta vision_logit max |diff| = {mt_diff:.3g}; torch {torch.__version__}")
+    print(f"beta: {len(beta.state_dict())} entries, 12-in-1: {len(mt.state_dict())} entries; 12-in-1 vs beta max "
+          f"|diff|: vision_logit {mt_diffs['vision_logit']:.3g}, vil_logit {mt_diffs['vil_logit']:.3g}; "
+          f"torch {torch.__version__}")
 
 
 if __name__ == "__main__":

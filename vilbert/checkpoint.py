@@ -11,8 +11,10 @@ Conversion keeps the official names (model_spec.md §9): it renames TF-style `ga
 `from_pretrained` does, transposes the torch `nn.Linear` weights listed in `LINEAR_WEIGHTS` ([out, in] ->
 Paddle's [in, out]; shape cannot tell, 130 of them are square), drops what the model does not hold by named
 rule, and checks every shape. Loading is strict: every missing, unexpected or mis-shaped key is reported in
-one `CheckpointError`. The only parameters that may be missing are the task-specific ones (`vision_logit`,
-the 12-in-1 task token) when the checkpoint is a pretraining one that holds no task head at all.
+one `CheckpointError`. The only parameters that may be missing are the task-specific ones (the task heads
+`vision_logit`, `vil_prediction`, `vil_logit`, and the 12-in-1 task token) when the checkpoint is a pretraining
+one that holds no task head at all. A `vil_prediction` of the other family (beta's weight-normed `main.*`,
+12-in-1's `logit_fc.*`) or of another answer count is one problem line that says what to change.
 """
 
 import collections
@@ -67,8 +69,14 @@ DROPPED = (
      re.compile(r"bert\.encoder\.c_layer\.\d+\.biOutput\.q_dense[12]\.")),
 )
 
-# Keys only the earlier Paddle port (fuqianya/ViLBERT-Paddle) writes: its heads and untied MLM decoder.
-PORT_ONLY = re.compile(r"cls\.|vil_prediction\.main\.|vil_logit\.|linguisic_logit\.")
+# Keys only the earlier Paddle port (fuqianya/ViLBERT-Paddle) writes: its untied MLM decoder and text head (our
+# model holds neither; its vil_prediction and vil_logit it may hold).
+PORT_ONLY = re.compile(r"cls\.|linguisic_logit\.")
+
+# The two families' vil_prediction, by the `--classifier` that builds each: its name, key prefix, answer-count bias.
+CLASSIFIER_KEYS = {"beta": ("vilbert_beta", "vil_prediction.main.", "vil_prediction.main.3.bias"),
+                   "12in1": ("12-in-1", "vil_prediction.logit_fc.", "vil_prediction.logit_fc.3.bias")}
+ANSWER_VOCABULARY = "cache/trainval_ans2label.pkl"
 
 
 class CheckpointError(ValueError):
@@ -409,10 +417,12 @@ class LoadReport:
     missing: list = field(default_factory=list)  # (key, model shape)
     unexpected: list = field(default_factory=list)  # (key, checkpoint shape)
     mismatched: list = field(default_factory=list)  # (key, checkpoint shape as converted, model shape, transposed)
+    head_conflicts: list = field(default_factory=list)  # one line per head the checkpoint cannot fill as it is
     notes: list = field(default_factory=list)
 
     def problems(self) -> list:
-        lines = [f"missing from the checkpoint: {key} {list(shape)}" for key, shape in self.missing]
+        lines = list(self.head_conflicts)
+        lines += [f"missing from the checkpoint: {key} {list(shape)}" for key, shape in self.missing]
         lines += [f"unexpected in the checkpoint: {key} {list(shape)}" for key, shape in self.unexpected]
         for key, shape, wanted, transposed in self.mismatched:
             how = " (after transposing the torch Linear weight)" if transposed else ""
@@ -429,7 +439,8 @@ class LoadReport:
             lines.append(f"renamed {len(self.renamed)} TF-style gamma/beta keys to weight/bias")
         lines += [f"dropped {len(keys)} {reason}" for reason, keys in self.dropped.items()]
         if self.fresh:
-            heads = sorted({key.rsplit(".", 1)[0] for key in self.fresh})
+            heads = sorted({key.split(".")[0] if TASK_HEADS.match(key) else key.rsplit(".", 1)[0]
+                            for key in self.fresh})
             lines.append(f"freshly initialised {', '.join(heads)}: the checkpoint holds no task head (pretraining)")
         return "\n".join(lines)
 
@@ -447,6 +458,11 @@ def convert_state_dict(state: dict, target_shapes: dict, source: str, *, allow_f
     if any(k.startswith("bert.") for k in target_shapes) and state and not any(k.startswith("bert.") for k in state):
         state = {"bert." + key: value for key, value in state.items()}  # official: loaded into model.bert
         report.notes.append("no key starts with 'bert.': read as the weights of the trunk (model.bert)")
+    conflict = _vil_prediction_conflict(state, target_shapes)
+    if conflict:  # one line instead of a missing, unexpected or mis-shaped key per tensor of the head
+        report.head_conflicts.append(conflict)
+        state = {key: value for key, value in state.items() if not key.startswith("vil_prediction.")}
+        target_shapes = {key: shape for key, shape in target_shapes.items() if not key.startswith("vil_prediction.")}
     converted = {}
     for key, value in state.items():
         name = key
@@ -483,6 +499,29 @@ def convert_state_dict(state: dict, target_shapes: dict, source: str, *, allow_f
     return converted, report
 
 
+def _classifier_of(keys) -> str:
+    """The family ("beta" or "12in1") of the vil_prediction among `keys`, or "" when there is none."""
+    return next((family for family, (_, prefix, _) in CLASSIFIER_KEYS.items()
+                 if any(key.startswith(prefix) for key in keys)), "")
+
+
+def _vil_prediction_conflict(state: dict, target_shapes: dict) -> str:
+    """Why the checkpoint's vil_prediction cannot fill the model's (other family, other answer count), or ""."""
+    held, built = _classifier_of(state), _classifier_of(target_shapes)
+    if not held or not built:
+        return ""
+    if held != built:
+        (held_name, held_prefix, _), (built_name, built_prefix, _) = CLASSIFIER_KEYS[held], CLASSIFIER_KEYS[built]
+        return (f"vil_prediction: the checkpoint holds {held_name}'s classifier ({held_prefix}*), the model "
+                f"{built_name}'s ({built_prefix}*): set --classifier {held}")
+    bias = CLASSIFIER_KEYS[held][2]
+    if bias in state and bias in target_shapes and state[bias].shape[0] != target_shapes[bias][0]:
+        return (f"the checkpoint's vil_prediction has {state[bias].shape[0]} answers, the model "
+                f"{target_shapes[bias][0]}: use the answer vocabulary ({ANSWER_VOCABULARY}) the checkpoint was "
+                "trained with")
+    return ""
+
+
 # ----------------------------------------------------------------------------------------------------
 # Loading into a model, saving
 
@@ -499,8 +538,10 @@ def convert_checkpoint(path, target_shapes: dict, *, allow_fresh_heads: bool = T
     report.notes[:0] = checkpoint.notes
     problems = report.problems()
     if problems:
-        hint = ("\nCheck that the model config (--config_file) is the one the checkpoint was trained with "
-                "(config/bert_base_6layer_6conect.json for the released ViLBERT weights).")
+        hint = ""
+        if len(problems) > len(report.head_conflicts):
+            hint += ("\nCheck that the model config (--config_file) is the one the checkpoint was trained with "
+                     "(config/bert_base_6layer_6conect.json for the released ViLBERT weights).")
         if any("task_embeddings" in line for line in problems):
             hint += "\nbert.embeddings.task_embeddings is the 12-in-1 task token: set task_specific_tokens to match."
         raise CheckpointError(f"{path} ({checkpoint.container}) does not fit the model: {len(problems)} problem(s)"
@@ -512,14 +553,15 @@ def load_pretrained(model, path, *, allow_fresh_heads: bool = True, log=print) -
     """Sets `model`'s weights from a checkpoint of any supported kind, strictly (see `convert_checkpoint`).
 
     Values are cast to each parameter's dtype. With `allow_fresh_heads`, a pretraining checkpoint (no task head)
-    leaves `vision_logit` (and a 12-in-1 task token) at the model's init, with a notice.
+    leaves the model's task heads (and a 12-in-1 task token) at its init, with a notice.
     """
     params = model.state_dict()
     converted, report = convert_checkpoint(path, {k: tuple(v.shape) for k, v in params.items()},
                                            allow_fresh_heads=allow_fresh_heads)
     for name, array in converted.items():
         param = params[name]  # numpy in, so the value lands on the parameter's device (a Tensor would be adopted)
-        param.set_value(np.ascontiguousarray(array, dtype=str(param.dtype).removeprefix("paddle.")))
+        # np.asarray, not np.ascontiguousarray, which makes a 0-d array (weight_norm's weight_g) 1-d
+        param.set_value(np.asarray(array, dtype=str(param.dtype).removeprefix("paddle."), order="C"))
     log(f"{path}: " + report.summary())
     return report
 

@@ -17,9 +17,6 @@ read, unlike the official `<task>_<split>_<T>_<R>.pkl`. With a valid cache the a
 """
 
 import functools
-import hashlib
-import json
-import logging
 from pathlib import Path
 from typing import Dict, List
 
@@ -29,15 +26,13 @@ import paddle
 from pyutils.refer import REFER, AnnotationError
 
 from .features import FeatureReader
-from .fileio import atomic_path
+from .batching import EntriesCache, batch_tokens, fill, region_rows, token_arrays
 from .tokenization import BertTokenizer, check_tokenization
 
 ENTRIES_FORMAT = 1  # bump when the cached entry arrays change
 REGION_ARRAYS = ("features", "spatials", "boxes", "target", "image_mask")  # one row per region
 TOKEN_ARRAYS = ("input_ids", "input_mask", "segment_ids")  # max_seq_length each, right-padded
 _ENTRY_ARRAYS = ("caption", "sent_id", "ref_id", "image_id", "ref_box", "input_ids", "length")
-
-log = logging.getLogger(__name__)
 
 
 def iou_plus_one(boxes: np.ndarray, ref_box) -> np.ndarray:
@@ -69,7 +64,7 @@ def tokenize_expression(tokenizer: BertTokenizer, caption: str, max_seq_length: 
     return ([tokenizer.cls_token_id] + pieces + [tokenizer.sep_token_id])[:max_seq_length]
 
 
-def collate(batch: List[Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
+def collate(batch: List[Dict[str, np.ndarray]], region_keys=REGION_ARRAYS) -> Dict[str, np.ndarray]:
     """Samples -> one dict of numpy arrays (for `paddle.io.DataLoader(collate_fn=collate)`).
 
     Padding is decided here, once per batch: regions are zero-padded to the most regions any sample has, and
@@ -86,7 +81,7 @@ def collate(batch: List[Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
     real = np.arange(regions) < counts[:, None]  # [B, R]: the rows that hold a region
     out = {}
     for key, first in batch[0].items():
-        if key in REGION_ARRAYS:
+        if key in region_keys:
             array = out[key] = np.empty((size, regions) + first.shape[1:],
                                         np.result_type(*(sample[key] for sample in batch)))
             array[real] = np.concatenate([sample[key] for sample in batch])
@@ -125,8 +120,8 @@ class ReferExpressionDataset(paddle.io.Dataset):
                              f"the {dataset}_gt_..._genome.lmdb features (see vilbert.features.open_features)")
         self.det_features = det_features
         self.gt_features = gt_features if self.mixes_gt else None
-        self.cache_path = self._cache_path(tokenizer, cache_dir)
-        arrays = self._load_cache() or self._build(tokenizer)
+        self.cache = self._cache(tokenizer, cache_dir)
+        arrays = self.cache.load(_ENTRY_ARRAYS, self._check_cached) or self._build(tokenizer)
         self._captions = arrays["caption"].tolist()
         self._sent_id, self._ref_id = arrays["sent_id"], arrays["ref_id"]
         self._image_id, self._ref_box, self._input_ids = arrays["image_id"], arrays["ref_box"], arrays["input_ids"]
@@ -143,31 +138,19 @@ class ReferExpressionDataset(paddle.io.Dataset):
                                         f"{self.dataroot}; run `bash download_dataset.sh`")
         return files
 
-    def _cache_path(self, tokenizer: BertTokenizer, cache_dir) -> Path:
-        stats = [(path.name, path.stat().st_size, path.stat().st_mtime_ns) for path in self._annotation_files()]
-        key = json.dumps({"format": ENTRIES_FORMAT, "tokenization": self.tokenization,
-                          "vocab_sha256": tokenizer.vocab_sha256, "do_lower_case": tokenizer.do_lower_case,
-                          "max_seq_length": self.max_seq_length, "max_region_num": self.max_region_num,
-                          "dataset": self.dataset, "splitBy": self.splitBy, "split": self.split,
-                          "annotations": stats}, sort_keys=True)
-        digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    def _cache(self, tokenizer: BertTokenizer, cache_dir) -> EntriesCache:
+        key = {"format": ENTRIES_FORMAT, "tokenization": self.tokenization, "vocab_sha256": tokenizer.vocab_sha256,
+               "do_lower_case": tokenizer.do_lower_case, "max_seq_length": self.max_seq_length,
+               "max_region_num": self.max_region_num, "dataset": self.dataset, "splitBy": self.splitBy,
+               "split": self.split}
         folder = Path(cache_dir) if cache_dir else Path(self.dataroot) / "cache"
-        return folder / f"{self.dataset}_{self.split}_{self.max_seq_length}_{self.max_region_num}_{digest}.npz"
+        stem = f"{self.dataset}_{self.split}_{self.max_seq_length}_{self.max_region_num}"
+        return EntriesCache(folder, stem, key, self._annotation_files())
 
-    def _load_cache(self):
-        if not self.cache_path.is_file():
-            return None
-        try:
-            with np.load(self.cache_path, allow_pickle=False) as data:
-                arrays = {name: data[name] for name in _ENTRY_ARRAYS}
-            count = len(arrays["sent_id"])
-            if (any(len(a) != count for a in arrays.values())
-                    or arrays["input_ids"].shape[1:] != (self.max_seq_length,)):
-                raise ValueError("inconsistent array shapes")
-            return arrays
-        except Exception as err:  # any unreadable cache is rebuilt, never trusted
-            log.warning("Rebuilding the entries cache %s: it is unreadable (%s)", self.cache_path, err)
-            return None
+    def _check_cached(self, arrays) -> None:
+        count = len(arrays["sent_id"])
+        if any(len(a) != count for a in arrays.values()) or arrays["input_ids"].shape[1:] != (self.max_seq_length,):
+            raise ValueError("inconsistent array shapes")
 
     def _build(self, tokenizer: BertTokenizer) -> Dict[str, np.ndarray]:
         """Entries from the annotations, tokenized and padded, then written to the cache atomically."""
@@ -192,8 +175,7 @@ class ReferExpressionDataset(paddle.io.Dataset):
                   "ref_id": np.array(ref_ids, np.int64), "image_id": np.array(image_ids, np.int64),
                   "ref_box": np.array(ref_boxes, np.float64), "input_ids": input_ids,
                   "length": np.array([len(ids) for ids in tokens], np.int64)}
-        with atomic_path(self.cache_path) as tmp, open(tmp, "wb") as f:
-            np.savez(f, **arrays)
+        self.cache.save(arrays)
         return arrays
 
     def _check_features(self) -> None:
@@ -240,55 +222,41 @@ class ReferExpressionDataset(paddle.io.Dataset):
         indices = np.asarray(indices, np.int64)
         image_ids = self._image_id[indices].tolist()
         regions_cap = self.max_region_num
-        det = [self.det_features[image_id] for image_id in image_ids]
-        num_det = [min(region.num_boxes, regions_cap) for region in det]
-        gt = [self.gt_features[image_id] for image_id in image_ids] if self.mixes_gt else [None] * len(det)
-        num_gt = [0 if g is None else min(g.num_boxes - 1, regions_cap - n) for g, n in zip(gt, num_det)]
-        counts = np.add(num_det, num_gt)
-        size, regions = len(indices), int(counts.max())
-        real = np.arange(regions) < counts[:, None]  # [B, R]: the rows that hold a region
-        width = det[0].features.shape[1]
-        dtype = np.result_type(*(region.features for region in (det[0], gt[0]) if region is not None))
-        padding = np.zeros((regions, width), dtype)
-        features, spatials, boxes = [], [], []  # row blocks; features also take each sample's padding
-        for d, n, g, m, count in zip(det, num_det, gt, num_gt, counts):
-            features.append(d.features[:n])
-            spatials.append(d.spatials[:n])
-            boxes.append(d.boxes[:n])
-            if m:
-                features.append(g.features[1:1 + m])
-                spatials.append(g.spatials[1:1 + m])
-                boxes.append(g.boxes[1:1 + m])
-            if count < regions:
-                features.append(padding[:regions - count])
-        out = {"features": empty((size, regions, width), dtype)}
-        np.concatenate(features, out=out["features"].reshape(-1, width))
-        for name, blocks in (("spatials", spatials), ("boxes", boxes)):
-            array = out[name] = empty((size, regions, blocks[0].shape[1]), np.result_type(*blocks))
-            array[real] = np.concatenate(blocks)
-            array[~real] = 0
+        samples = []
+        for image_id in image_ids:
+            det = self.det_features[image_id]
+            parts = [(det, 0, min(det.num_boxes, regions_cap))]
+            if self.mixes_gt:
+                gt = self.gt_features[image_id]
+                parts.append((gt, 1, 1 + min(gt.num_boxes - 1, regions_cap - parts[0][2])))
+            samples.append(parts)
+        out, real = region_rows(samples, empty)
         # IoU of the kept rows only: the same as 12-in-1's `target[:mix_num] = mix_target[:mix_num]`; beta
         # assigns the uncut mix_target and would crash when rows are cut
         target = iou_plus_one(out["boxes"], self._ref_box[indices][:, None, :])
         target[~real] = 0
         if self.mixes_gt:
             target[target < 0.5] = 0
-        out["target"] = empty((size, regions, 1), np.float32)
+        out["target"] = empty(real.shape + (1,), np.float32)
         out["target"][..., 0] = target
-        out["image_mask"] = empty((size, regions), np.int64)
-        out["image_mask"][...] = real
-        tokens = max(int(self._input_mask[indices].sum(1).max()), 1)
-        for name, values in self._tokens(indices, tokens).items():
-            out[name] = empty(values.shape, values.dtype)
-            out[name][...] = values
-        for name, values in (("sent_id", self._sent_id), ("ref_id", self._ref_id), ("image_id", self._image_id)):
-            out[name] = empty((size,), values.dtype)
-            out[name][...] = values[indices]
-        out["co_attention_mask"] = empty((size, regions, tokens), np.float32)
-        out["co_attention_mask"][...] = 0
+        tokens = batch_tokens(self._input_mask[indices].sum(1))
+        fill(out, empty, self._tokens(indices, tokens))
+        fill(out, empty, {name: values[indices] for name, values in
+                          (("sent_id", self._sent_id), ("ref_id", self._ref_id), ("image_id", self._image_id))})
+        fill(out, empty, {"co_attention_mask": np.zeros(real.shape + (tokens,), np.float32)})
         return out
 
+    region_keys = REGION_ARRAYS  # the batch arrays with one row per region
+
+    @property
+    def entry_ids(self) -> np.ndarray:
+        """The official id of every sample in order: its sent_id."""
+        return self._sent_id
+
+    @property
+    def token_ids(self) -> np.ndarray:
+        """[E, max_seq_length] token ids of every sample, zero-padded."""
+        return self._input_ids
+
     def _tokens(self, indices: np.ndarray, length: int) -> Dict[str, np.ndarray]:
-        """input_ids, input_mask, segment_ids [len(indices), length]: the first `length` token positions."""
-        return {"input_ids": self._input_ids[indices, :length], "input_mask": self._input_mask[indices, :length],
-                "segment_ids": np.zeros((len(indices), length), np.int64)}
+        return token_arrays(self._input_ids, self._input_mask, indices, length)

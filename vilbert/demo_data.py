@@ -25,6 +25,9 @@ best possible accuracy is 100% and chance is about 1 / number of boxes. Splits a
 images: train, val, testA (people are referred to) and testB (other objects are); RefCOCOg (umd): train, val
 and test (any object). Image ids are >= 600000,
 outside COCO train2014, so no real image is mistaken for a generated one.
+
+`scene_objects`, `place_objects` and `detections` draw one image's objects and regions; the generated VQA data
+(`vilbert/vqa_demo_data.py`) asks its questions about images drawn by them.
 """
 
 import json
@@ -66,6 +69,7 @@ KINDS = (
 )
 PERSON_KINDS = tuple(i for i, kind in enumerate(KINDS) if kind.category_id == 1)
 OTHER_KINDS = tuple(i for i, kind in enumerate(KINDS) if kind.category_id != 1)
+ALL_KINDS = tuple(range(len(KINDS)))
 
 # Expression templates: "{c}" colour, "{k}" kind. `sent` is the template; `raw` is typed text (see _raw).
 BOTH_TEMPLATES_PERSON = ("{c} {k}", "the {c} {k}", "{k} in {c}", "{k} wearing {c}", "{k} with {c} shirt")
@@ -138,7 +142,7 @@ def make_demo_dataset(root, *, dataset: str = "refcoco+", seed: int = 0, layout:
                              "file_name": f"COCO_train2014_{image_id:012d}_{number + 1}.jpg",
                              "ann_id": ann_ids[index], "ref_id": len(refs), "image_id": image_id, "split": split,
                              "category_id": KINDS[kinds[index]].category_id, "sentences": sentences})
-            regions = _detections(rng, image_id, width, height, colours, kinds, boxes, free_cells, max_detections)
+            regions = detections(rng, image_id, width, height, colours, kinds, boxes, free_cells, max_detections)
             detected.put(image_id, encode_record(regions, layout))
             kept += [regions] if region_files else []
             referred = _regions(rng, image_id, width, height, [_xyxy(boxes[i]) for i in referents],
@@ -171,7 +175,19 @@ def _scene(rng, split, width, height):
     elif split == "testB":
         referable = OTHER_KINDS
     else:
-        referable = tuple(range(len(KINDS)))
+        referable = ALL_KINDS
+    colours, kinds = scene_objects(rng, referable)
+    pairs = list(zip(colours, kinds))
+    unique = [i for i, pair in enumerate(pairs) if pairs.count(pair) == 1 and kinds[i] in referable]
+    referents = sorted(rng.choice(unique, size=min(len(unique), int(rng.integers(2, 5))), replace=False).tolist())
+    boxes, free_cells = place_objects(rng, len(kinds), width, height)
+    return colours, kinds, boxes, referents, free_cells
+
+
+def scene_objects(rng, referable=ALL_KINDS):
+    """The colours and kinds (indices into COLOURS, KINDS) of an image's 4-8 objects, drawn from few kinds and
+    colours so that objects share them, with at least one object of a `referable` kind whose colour and kind
+    together are unique in the image."""
     while True:
         num_objects = int(rng.integers(4, 9))
         # Few kinds and colours per image, so other objects share the referent's kind or its colour.
@@ -180,13 +196,14 @@ def _scene(rng, split, width, height):
         kinds = [kind_pool[i] for i in rng.integers(len(kind_pool), size=num_objects)]
         colours = rng.choice(colour_pool, size=num_objects).tolist()
         pairs = list(zip(colours, kinds))
-        unique = [i for i, pair in enumerate(pairs) if pairs.count(pair) == 1 and kinds[i] in referable]
-        if unique:
-            break
-    referents = sorted(rng.choice(unique, size=min(len(unique), int(rng.integers(2, 5))), replace=False).tolist())
+        if any(pairs.count(pair) == 1 and kinds[i] in referable for i, pair in enumerate(pairs)):
+            return colours, kinds
+
+
+def place_objects(rng, num_objects, width, height):
+    """xywh boxes of `num_objects` objects, each in its own cell of a grid over the image, and the cells left."""
     cells = _cells(rng, width, height)
-    boxes = [_box_in(rng, cell, 0.5, 0.95) for cell in cells[:num_objects]]
-    return colours, kinds, boxes, referents, cells[num_objects:]
+    return [_box_in(rng, cell, 0.5, 0.95) for cell in cells[:num_objects]], cells[num_objects:]
 
 
 def _cells(rng, width, height):
@@ -232,7 +249,7 @@ def _regions(rng, image_id, width, height, boxes, colours, kinds):
     return ImageRegions(image_id, width, height, boxes, features, cls_prob)
 
 
-def _detections(rng, image_id, width, height, colours, kinds, boxes, free_cells, max_detections=0):
+def detections(rng, image_id, width, height, colours, kinds, boxes, free_cells, max_detections=0):
     """Each object's box jittered (IoU > 0.5 with it) plus 2-3 boxes in cells without objects, in random order;
     with max_detections, background boxes anywhere up to a count drawn from [that count, max_detections]."""
     regions = []

@@ -1,9 +1,9 @@
-"""Batches, the training epoch and evaluation for referring expressions.
+"""Batches, the training epoch and evaluation, written once for every task (`vilbert/tasks`).
 
-The loss and score are the official ones (`vilbert/metrics.py`). Two things differ from the official loop
-on purpose, and neither changes a number: batches are padded only to the most regions and tokens any of
-their samples uses (`dataset.collate`), and evaluation counts every expression once, also over several
-devices (no sampler padding).
+A task gives the model output its loss reads, the loss, the per-sample score and the predictions; the official
+ones for each (`vilbert/metrics.py`). Two things differ from the official loop on purpose, and neither changes
+a number: batches are padded only to the most regions and tokens any of their samples uses (`dataset.collate`,
+the datasets' `batch`), and evaluation counts every sample once, also over several devices (no sampler padding).
 """
 
 import math
@@ -16,7 +16,6 @@ import paddle
 import paddle.distributed as dist
 
 from .dataset import collate
-from .metrics import rec_loss, rec_select
 from .progress import progress
 
 MODEL_INPUTS = ("input_ids", "features", "spatials", "segment_ids", "input_mask", "image_mask", "co_attention_mask")
@@ -77,12 +76,12 @@ def autocast(amp: str):
     return paddle.amp.auto_cast(enable=amp != "off", dtype="bfloat16" if amp == "bf16" else "float16", level="O1")
 
 
-def forward(model, batch: Dict[str, paddle.Tensor], amp: str = "off", task_ids=None):
-    """Runs the model on a batch; returns (loss, vision_logit [B, N, 1] in float32)."""
+def forward(model, batch: Dict[str, paddle.Tensor], task, amp: str = "off", task_ids=None):
+    """Runs the model on a batch; returns (the task's loss, the output it reads, in float32)."""
     with autocast(amp):
         output = model(*(batch[k] for k in MODEL_INPUTS), task_ids=task_ids)
-    logit = output.vision_logit.astype("float32")
-    return rec_loss(logit, batch["target"]), logit
+    logit = getattr(output, task.output).astype("float32")
+    return task.loss(logit, batch), logit
 
 
 def task_ids_for(batch, task_id: int, model) -> "paddle.Tensor | None":
@@ -93,23 +92,23 @@ def task_ids_for(batch, task_id: int, model) -> "paddle.Tensor | None":
     return paddle.full([batch["input_ids"].shape[0], 1], task_id, dtype="int64")
 
 
-def train_one_epoch(model, loader, optimizer, *, epoch: int, amp: str = "off", accumulation: int = 1,
+def train_one_epoch(model, loader, optimizer, *, task, epoch: int, amp: str = "off", accumulation: int = 1,
                     task_id: int = 0, scaler=None, show_progress: bool = True):
-    """One pass over the loader; returns (mean train loss, train accuracy) over all ranks' samples."""
+    """One pass over the loader; returns (mean train loss, mean train score) over all ranks' samples."""
     model.train()
-    total_loss, correct, seen = 0.0, 0, 0
+    total_loss, correct, seen = 0.0, 0.0, 0
     bar = progress(loader, f"Epoch {epoch}", enabled=show_progress)
     for step, batch in enumerate(bar):
         batch = prepare(batch)
         last_micro = (step + 1) % accumulation == 0 or step + 1 == len(loader)
         sync = model.no_sync() if hasattr(model, "no_sync") and not last_micro else nullcontext()
         with sync:
-            loss, logit = forward(model, batch, amp, task_ids_for(batch, task_id, model))
+            loss, logit = forward(model, batch, task, amp, task_ids_for(batch, task_id, model))
             loss_value = float(loss)
             if not math.isfinite(loss_value):
                 raise NonFiniteLossError(
-                    f"training loss is {loss_value} at epoch {epoch}, step {step} (sent_ids "
-                    f"{batch['sent_id'][:8].tolist()}...); the last good checkpoint is kept. Lower "
+                    f"training loss is {loss_value} at epoch {epoch}, step {step} ({task.id_key}s "
+                    f"{batch[task.id_key][:8].tolist()}...); the last good checkpoint is kept. Lower "
                     f"--learning_rate, or try --amp off if mixed precision is on.")
             scaled = loss / accumulation
             (scaler.scale(scaled) if scaler else scaled).backward()
@@ -120,11 +119,11 @@ def train_one_epoch(model, loader, optimizer, *, epoch: int, amp: str = "off", a
             else:
                 optimizer.step()
             optimizer.clear_grad()
-        size = batch["sent_id"].shape[0]
+        size = batch[task.id_key].shape[0]
         total_loss += loss_value * size
-        correct += int(rec_select(logit, batch["target"])[2].astype("int64").sum())
+        correct += float(task.scores(logit, batch).sum())
         seen += size
-        bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.4f}")
+        bar.set_postfix(loss=f"{total_loss / seen:.4f}", **{task.metric[:5]: f"{correct / seen:.4f}"})
     if dist.get_world_size() > 1:
         sums = paddle.to_tensor([total_loss, correct, seen], dtype="float64")
         dist.all_reduce(sums)
@@ -134,41 +133,31 @@ def train_one_epoch(model, loader, optimizer, *, epoch: int, amp: str = "off", a
 
 @dataclass
 class EvalResult:
-    accuracy: float
+    summary: Dict[str, float]  # the task's figures (its `metric` among them)
     loss: float
-    num_expressions: int
-    upper_bound: float  # fraction of expressions with any candidate box at IoU > 0.5
+    count: int  # samples evaluated
     predictions: List[dict]
+
+    def metric(self, task) -> float:
+        return self.summary[task.metric]
 
 
 @paddle.no_grad()
-def evaluate(model, loader, *, amp: str = "off", task_id: int = 0, show_progress: bool = False,
+def evaluate(model, loader, *, task, amp: str = "off", task_id: int = 0, show_progress: bool = False,
              desc: str = "eval") -> EvalResult:
-    """Accuracy = the chosen region's IoU target > 0.5 (strict), over every expression exactly once,
-    summed over all ranks when distributed."""
+    """The task's predictions and figures over every sample exactly once, gathered from all ranks when
+    distributed; predictions sorted by the task's sample id."""
     model.eval()
     predictions, loss_sum = [], 0.0
     for batch in progress(loader, desc, enabled=show_progress):
         batch = prepare(batch)
-        loss, logit = forward(model, batch, amp, task_ids_for(batch, task_id, model))
-        index, iou, correct = (t.numpy() for t in rec_select(logit, batch["target"]))
-        scores = logit.squeeze(2).numpy()
-        loss_sum += float(loss) * len(index)
-        reachable = (batch["target"].squeeze(2) > 0.5).any(1).numpy()
-        ids = {k: batch[k].numpy() for k in ("sent_id", "ref_id", "image_id", "boxes")}
-        for i, chosen in enumerate(index):
-            predictions.append({
-                "sent_id": int(ids["sent_id"][i]), "ref_id": int(ids["ref_id"][i]),
-                "image_id": int(ids["image_id"][i]), "box": [round(float(v), 2) for v in ids["boxes"][i, chosen]],
-                "region": int(chosen), "score": float(scores[i, chosen]), "iou": float(iou[i]),
-                "correct": bool(correct[i]), "reachable": bool(reachable[i]),
-            })
+        loss, logit = forward(model, batch, task, amp, task_ids_for(batch, task_id, model))
+        batch_predictions = task.predictions(logit, batch, loader.dataset)
+        loss_sum += float(loss) * len(batch_predictions)
+        predictions += batch_predictions
     loss_sum, predictions = _gather(loss_sum, predictions)
-    n = len(predictions)
-    return EvalResult(
-        accuracy=sum(p["correct"] for p in predictions) / max(n, 1), loss=loss_sum / max(n, 1),
-        num_expressions=n, upper_bound=sum(p["reachable"] for p in predictions) / max(n, 1),
-        predictions=sorted(predictions, key=lambda p: p["sent_id"]))
+    return EvalResult(summary=task.summarize(predictions), loss=loss_sum / max(len(predictions), 1),
+                      count=len(predictions), predictions=sorted(predictions, key=task.sort_key))
 
 
 def _gather(loss_sum: float, predictions: List[dict]):
@@ -180,17 +169,20 @@ def _gather(loss_sum: float, predictions: List[dict]):
     return sum(g[0] for g in gathered), [p for g in gathered for p in g[1]]
 
 
-
 @paddle.no_grad()
 def score_regions(model, regions, input_ids: List[int], max_region_num: int, task_id: int = 0):
     """Logits [R] and pixel boxes [R, 4] of one image's first `max_region_num` regions (a `RegionFeatures`)
     for one tokenized expression: what predict.py prints and eval.py's pictures show."""
-    return score_expressions(model, [(regions, input_ids)], max_region_num, task_id)[0]
+    kept = min(regions.num_boxes, max_region_num)
+    logits = score_queries(model, [(regions, input_ids)], max_region_num, "vision_logit", task_id)[0]
+    return logits[:kept, 0], regions.boxes[:kept]
 
 
 @paddle.no_grad()
-def score_expressions(model, queries, max_region_num: int, task_id: int = 0):
-    """`score_regions` of every (RegionFeatures, token ids) query, run as one batch padded by `collate`."""
+def score_queries(model, queries, max_region_num: int, head: str, task_id: int = 0) -> List[np.ndarray]:
+    """The model's output `head` for every (RegionFeatures, token ids) query, run as one batch padded by `collate`:
+    per query an array in float32 (vision_logit: [the batch's most regions, 1], rows past the query's own
+    regions padding; vil_prediction: [num_labels])."""
     model.eval()
     length = max(len(input_ids) for _, input_ids in queries)
     samples = []
@@ -203,7 +195,5 @@ def score_expressions(model, queries, max_region_num: int, task_id: int = 0):
             "input_mask": (np.arange(length) < len(input_ids)).astype(np.int64),
             "segment_ids": np.zeros(length, np.int64)})
     batch = prepare({key: paddle.to_tensor(value) for key, value in collate(samples).items()})
-    output = model(*(batch[k] for k in MODEL_INPUTS), task_ids=task_ids_for(batch, task_id, model))
-    logits = output.vision_logit[:, :, 0].astype("float32").numpy()
-    return [(logits[i, :len(sample["image_mask"])], regions.boxes[:len(sample["image_mask"])])
-            for i, (sample, (regions, _)) in enumerate(zip(samples, queries))]
+    result = model(*(batch[k] for k in MODEL_INPUTS), task_ids=task_ids_for(batch, task_id, model))
+    return list(getattr(result, head).astype("float32").numpy())

@@ -1,4 +1,5 @@
-"""Linear, LayerNorm and Dropout: Paddle's own layers on GPU, faster paths of the same function on CPU.
+"""Linear, LayerNorm and Dropout: Paddle's own layers on GPU, faster paths of the same function on CPU; and
+WeightNormLinear, torch's `weight_norm(nn.Linear)` written out.
 
 The model file says what is computed; this module says how it is made fast on one device, behind one dispatch
 (`_on_cpu`), so the architecture reads the same everywhere. Each class has its `nn` parent's parameters, names and
@@ -126,3 +127,31 @@ class Dropout(nn.Dropout):
         keep = np.multiply(bits >= round(self.p * 2 ** 32), np.float32(1 / (1 - self.p)), dtype=np.float32)
         # a DLPack capsule (all 2.6 accepts); from 3.0 on Paddle shares the array's memory
         return x * paddle.utils.dlpack.from_dlpack(keep.reshape(x.shape).__dlpack__())
+
+
+class WeightNormLinear(nn.Layer):
+    """torch's `weight_norm(nn.Linear(in, out), dim=None)`: y = x @ W + b with W = g * v / ||v||_F, one scalar g.
+
+    Parameters as torch's state_dict names them: `weight_g` 0-d, `weight_v` in Paddle's [in, out] layout, `bias`.
+    Written out instead of `paddle.nn.utils.weight_norm` (which gives the same names and shapes on 2.6 and 3.3) so
+    the head has no forward hook and its init is this class's: torch's, where v keeps nn.Linear's default
+    U(-1/sqrt(in), 1/sqrt(in)) and g = ||v||, so W = v (the official BERT init only reaches the derived weight,
+    which the next forward recomputes). The bias is zeroed by the model's init, as the official one does.
+    """
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        bound = 1 / math.sqrt(in_features)
+        self.weight_g = self.create_parameter([], default_initializer=nn.initializer.Constant(1.0))
+        self.weight_v = self.create_parameter([in_features, out_features],
+                                              default_initializer=nn.initializer.Uniform(-bound, bound))
+        self.bias = self.create_parameter([out_features], is_bias=True)
+        if self.weight_v._is_initialized():  # under paddle.LazyGuard (shapes only) there is no v to measure yet
+            with paddle.no_grad():
+                self.weight_g.set_value(self._norm_of_v())
+
+    def _norm_of_v(self) -> paddle.Tensor:
+        return paddle.sqrt((self.weight_v * self.weight_v).sum())
+
+    def forward(self, x):
+        return F.linear(x, self.weight_v * (self.weight_g / self._norm_of_v()), self.bias)

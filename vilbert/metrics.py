@@ -1,4 +1,5 @@
-"""The official RefCOCO+ loss and score (task type "V-logit" in vilbert_beta / 12-in-1 ``task_utils.py``).
+"""The official losses and scores: RefCOCO+ (task type "V-logit") and VQA ("VL-classifier") of vilbert_beta /
+12-in-1 ``task_utils.py``.
 
 Both codebases score a referring expression as correct when the region with the highest ``vision_logit`` has IoU
 STRICTLY above 0.5 with the referred box; the global whole-image region is a candidate like any other. Padded
@@ -14,20 +15,25 @@ def _check_shapes(vision_logit, target):
                          f"and {target.shape}")
 
 
-def rec_loss(vision_logit, target):
-    """``BCEWithLogits`` averaged over all batch x region entries (padding included), times the region count.
+def bce_sum_loss(logit, target):
+    """``BCEWithLogits`` averaged over all entries, times ``target.shape[1]``: the official loss of REC (over
+    regions) and VQA (over answers), i.e. "sum over dim 1, mean over samples" (padding included).
 
-    The x regions turns the mean into "sum over regions, mean over expressions", as the official code does.
     Computed in float32 even under autocast, as the official loss is: the mean runs over B x R terms.
     Written as torch computes it, ``(1-y)*x + log(1+exp(-x))``, rather than with
     ``F.binary_cross_entropy_with_logits``, whose gradient at a logit of exactly 0 is wrong in Paddle 3.3
     (-0.5 - y instead of 0.5 - y).
     """
-    _check_shapes(vision_logit, target)
     with paddle.amp.auto_cast(enable=False):
-        logit, target = vision_logit.astype('float32'), target.astype('float32')
+        logit, target = logit.astype('float32'), target.astype('float32')
         loss = ((1.0 - target) * logit + F.softplus(-logit)).mean()
     return loss * target.shape[1]
+
+
+def rec_loss(vision_logit, target):
+    """The REC loss: `bce_sum_loss` over the regions of [B, R, 1] logits and IoU targets."""
+    _check_shapes(vision_logit, target)
+    return bce_sum_loss(vision_logit, target)
 
 
 def rec_select(vision_logit, target):
@@ -40,3 +46,24 @@ def rec_select(vision_logit, target):
     select_iou = paddle.take_along_axis(target.squeeze(2).astype('float32'), select_idx.unsqueeze(1),
                                         axis=1).squeeze(1)
     return select_idx, select_iou, select_iou > 0.5
+
+
+def vqa_loss(vil_prediction, target):
+    """The VQA loss: `bce_sum_loss` of [B, num_labels] logits against the soft targets (beta task_utils.py
+    ForwardModelsTrain: ``loss.mean() * target.size(1)``)."""
+    _check_answers(vil_prediction, target)
+    return bce_sum_loss(vil_prediction, target)
+
+
+def vqa_score(vil_prediction, target):
+    """The soft score [B] of each question's argmax answer (``compute_score_with_logits``): 0, 0.3, 0.6, 0.9 or 1
+    with the cached targets. Ties go to the lowest index, as torch.max does on CPU."""
+    _check_answers(vil_prediction, target)
+    chosen = paddle.argmax(vil_prediction, axis=1)
+    return paddle.take_along_axis(target.astype('float32'), chosen.unsqueeze(1), axis=1).squeeze(1)
+
+
+def _check_answers(vil_prediction, target):
+    if len(vil_prediction.shape) != 2 or vil_prediction.shape != target.shape:
+        raise ValueError(f"vil_prediction and target must both be [batch, num_labels]; got {vil_prediction.shape} "
+                         f"and {target.shape}")

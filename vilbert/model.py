@@ -5,26 +5,31 @@ Vision-and-Language Tasks", NeurIPS 2019 (arXiv:1908.02265).
 
 Read top to bottom: the embeddings of each stream, the post-LN transformer layer that both streams use on
 their own, the co-attention layer where text attends to regions and regions attend to text, the encoder
-that interleaves them, the poolers, and `VILBertForVLTasks` with the RefCOCO+ head `vision_logit`.
+that interleaves them, the poolers, the answer classifiers, and `VILBertForVLTasks` with its task heads.
 
 The function is the official one (jiasenlu/vilbert_beta, facebookresearch/vilbert-multi-task), and every
 parameter name is an official state_dict key, so released checkpoints map one to one (`vilbert/checkpoint.py`).
-Names such as `LayerNorm`, `biOutput` and `LayerNorm1` are not snake-cased for that reason. Left out on
-purpose: the pretraining heads (`cls.*`), the other tasks' heads, and `biOutput.q_dense1/2`, which the
-official forward never calls; the loader drops them from checkpoints with a notice.
+Names such as `LayerNorm`, `biOutput` and `LayerNorm1` are not snake-cased for that reason. The task heads,
+each built only when asked for: `vision_logit` (one logit per region: referring expressions), `vil_prediction`
+(answer scores: VQA; vilbert_beta's or 12-in-1's classifier, whose checkpoints differ) and `vil_logit` (one
+score per image-text pair: VCR, retrieval). Left out on purpose: the pretraining heads (`cls.*`), 12-in-1's
+other heads (`vil_prediction_gqa`, `vil_binary_prediction`, `vil_tri_prediction`), `linguisic_logit`, and
+`biOutput.q_dense1/2`, which the official forward never calls; the loader drops them from checkpoints with a
+notice.
 
 Shapes: B batch, T tokens, N regions, H heads, D head width.
 """
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
 from .config import ViLBertConfig
-from .layers import Dropout, LayerNorm, Linear
+from .layers import Dropout, LayerNorm, Linear, WeightNormLinear
 
 LAYER_NORM_EPS = 1e-12  # hard-coded in the official code, not read from the config
 MASK_VALUE = -10000.0  # additive mask value of the official code (not -inf: padded regions keep a finite logit)
@@ -280,15 +285,6 @@ class BertPooler(nn.Layer):
         return F.relu(self.dense(hidden[:, 0]))
 
 
-@dataclass
-class ViLBertOutput:
-    vision_logit: paddle.Tensor  # [B, N, 1], padded regions at about -10000
-    pooled_output_t: paddle.Tensor  # [B, bi_hidden_size]
-    pooled_output_v: paddle.Tensor  # [B, bi_hidden_size]
-    sequence_output_t: paddle.Tensor  # [B, T, hidden_size] (T + 1 with a task token)
-    sequence_output_v: paddle.Tensor  # [B, N, v_hidden_size]
-
-
 class BertModel(nn.Layer):
     """The two-stream trunk (`bert.*` in the official checkpoints)."""
 
@@ -312,15 +308,79 @@ class BertModel(nn.Layer):
         return text, image, self.t_pooler(text), self.v_pooler(image)
 
 
-class VILBertForVLTasks(nn.Layer):
-    """The trunk plus the referring-expression head: one logit per region, padded regions pushed to -10000."""
+# ----------------------------------------------------------------------------------------------------
+# Answer classifiers on the fused pooled vector (`vil_prediction`): the two families' checkpoints differ
 
-    def __init__(self, config: ViLBertConfig, dropout_prob: float = 0.1):
+
+class SimpleClassifier(nn.Layer):
+    """vilbert_beta's: weight-normed Linear, ReLU, dropout 0.5, weight-normed Linear (keys `main.{0,3}.*`)."""
+
+    def __init__(self, in_size: int, hidden_size: int, num_labels: int, dropout_prob: float = 0.5):
         super().__init__()
+        self.main = nn.Sequential(WeightNormLinear(in_size, hidden_size), nn.ReLU(), Dropout(dropout_prob),
+                                  WeightNormLinear(hidden_size, num_labels))
+
+    def forward(self, pooled):
+        return self.main(pooled)
+
+
+class MultiTaskSimpleClassifier(nn.Layer):
+    """12-in-1's: Linear, GELU (erf), LayerNorm, Linear, no dropout (keys `logit_fc.{0,2,3}.*`)."""
+
+    def __init__(self, in_size: int, hidden_size: int, num_labels: int):
+        super().__init__()
+        self.logit_fc = nn.Sequential(Linear(in_size, hidden_size), nn.GELU(),
+                                      LayerNorm(hidden_size, epsilon=LAYER_NORM_EPS), Linear(hidden_size, num_labels))
+
+    def forward(self, pooled):
+        return self.logit_fc(pooled)
+
+
+CLASSIFIERS = {"beta": SimpleClassifier, "12in1": MultiTaskSimpleClassifier}
+TASK_HEADS = ("vision_logit", "vil_prediction", "vil_logit")
+
+
+@dataclass
+class ViLBertOutput:
+    pooled_output_t: paddle.Tensor  # [B, bi_hidden_size]
+    pooled_output_v: paddle.Tensor  # [B, bi_hidden_size]
+    sequence_output_t: paddle.Tensor  # [B, T, hidden_size] (T + 1 with a task token)
+    sequence_output_v: paddle.Tensor  # [B, N, v_hidden_size]
+    vision_logit: Optional[paddle.Tensor] = None  # [B, N, 1] float32, padded regions at about -10000
+    vil_prediction: Optional[paddle.Tensor] = None  # [B, num_labels] float32
+    vil_logit: Optional[paddle.Tensor] = None  # [B, 1] float32
+
+
+class VILBertForVLTasks(nn.Layer):
+    """The trunk plus the task heads named in `heads` (a head not built is None in the output).
+
+    - `vision_logit`: one logit per region, padded regions pushed to -10000 (referring expressions);
+    - `vil_prediction`: `num_labels` answer scores from `classifier` "beta" (`SimpleClassifier`) or "12in1"
+      (`MultiTaskSimpleClassifier`) on the fused pooled vector;
+    - `vil_logit`: one score of the fused pooled vector.
+    The fused vector is dropout(pooled_t * pooled_v) (`fusion_method` "mul"; "sum" adds), as official.
+    """
+
+    def __init__(self, config: ViLBertConfig, *, heads=("vision_logit",), num_labels: int = 0,
+                 classifier: str = "beta", dropout_prob: float = 0.1):
+        super().__init__()
+        unknown = sorted(set(heads) - set(TASK_HEADS))
+        if unknown:
+            raise ValueError(f"unknown task head(s) {unknown}: the model has {', '.join(TASK_HEADS)}")
+        if "vil_prediction" in heads and (classifier not in CLASSIFIERS or num_labels < 1):
+            raise ValueError(f"vil_prediction needs classifier 'beta' or '12in1' (got {classifier!r}) and "
+                             f"num_labels >= 1 (got {num_labels})")
         self.config = config
+        self.heads = tuple(head for head in TASK_HEADS if head in heads)
         self.bert = BertModel(config)
         self.dropout = Dropout(dropout_prob)
-        self.vision_logit = Linear(config.v_hidden_size, 1)
+        if "vil_prediction" in heads:
+            self.vil_prediction = CLASSIFIERS[classifier](config.bi_hidden_size, 2 * config.bi_hidden_size,
+                                                          num_labels)
+        if "vil_logit" in heads:
+            self.vil_logit = Linear(config.bi_hidden_size, 1)
+        if "vision_logit" in heads:
+            self.vision_logit = Linear(config.v_hidden_size, 1)
         self.apply(lambda layer: init_weights(layer, config.initializer_range))
 
     def forward(self, input_txt, input_imgs, image_loc, token_type_ids=None, attention_mask=None,
@@ -335,19 +395,32 @@ class VILBertForVLTasks(nn.Layer):
             image_attention_mask = paddle.ones(input_imgs.shape[:2], dtype="int64")
         text, image, pooled_t, pooled_v = self.bert(input_txt, input_imgs, image_loc, token_type_ids,
                                                     attention_mask, image_attention_mask, task_ids)
-        # One number per region ranks the regions: in bfloat16 (8-bit mantissa) close candidates tie, which cost
-        # the demo's weakly trained models most of their accuracy (tools/bf16_numerics.py), so the head is float32.
+        output = ViLBertOutput(pooled_output_t=pooled_t, pooled_output_v=pooled_v, sequence_output_t=text,
+                               sequence_output_v=image)
+        # Each head's scores are ranked (regions, answers, candidates): in bfloat16 (8-bit mantissa) close ones tie,
+        # which cost the demo's weakly trained models most of their accuracy (tools/bf16_numerics.py), so the heads
+        # run in float32.
         with paddle.amp.auto_cast(enable=False):
-            padding = (1.0 - image_attention_mask.astype("float32")) * MASK_VALUE  # [B, N]
-            vision_logit = self.vision_logit(self.dropout(image.astype("float32"))) + padding.unsqueeze(2)
-        return ViLBertOutput(vision_logit, pooled_t, pooled_v, text, image)
+            if "vil_prediction" in self.heads or "vil_logit" in self.heads:
+                pooled_t, pooled_v = pooled_t.astype("float32"), pooled_v.astype("float32")
+                fused = pooled_t * pooled_v if self.config.fusion_method == "mul" else pooled_t + pooled_v
+                pooled = self.dropout(fused)  # [B, bi_hidden_size]
+                if "vil_prediction" in self.heads:
+                    output.vil_prediction = self.vil_prediction(pooled)
+                if "vil_logit" in self.heads:
+                    output.vil_logit = self.vil_logit(pooled)
+            if "vision_logit" in self.heads:
+                padding = (1.0 - image_attention_mask.astype("float32")) * MASK_VALUE  # [B, N]
+                output.vision_logit = self.vision_logit(self.dropout(image.astype("float32"))) + padding.unsqueeze(2)
+        return output
 
 
 def init_weights(layer: nn.Layer, std: float) -> None:
-    """Official init: N(0, std) for Linear and Embedding weights, zero biases, unit LayerNorm."""
+    """Official init: N(0, std) for Linear and Embedding weights, zero biases, unit LayerNorm. A weight-normed
+    Linear keeps its own g and v (see WeightNormLinear) and gets a zero bias, as there."""
     if isinstance(layer, (nn.Linear, nn.Embedding)):
         nn.initializer.Normal(mean=0.0, std=std)(layer.weight)
-    if isinstance(layer, nn.Linear) and layer.bias is not None:
+    if isinstance(layer, (nn.Linear, WeightNormLinear)) and layer.bias is not None:
         nn.initializer.Constant(0.0)(layer.bias)
     if isinstance(layer, nn.LayerNorm):
         nn.initializer.Constant(1.0)(layer.weight)

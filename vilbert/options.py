@@ -15,11 +15,9 @@ from typing import List
 
 import yaml
 
-from pyutils.refer.refer import SPLITS_BY
-
 from .config import has_type, type_name
 from .feature_lmdb import EXTRACTORS
-from .refer_datasets import DATASETS, UnknownSplitError, check_split, follow_dataset
+from .refer_datasets import follow_dataset
 from .tokenization import TOKENIZATIONS
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -35,12 +33,14 @@ class OptionsError(ValueError):
 class RunOptions:
     """Everything a run needs besides the model's own JSON config (`config_file`)."""
 
+    task: str = "refer"  # refer (referring expressions), vqa: what the run trains and scores (vilbert/tasks)
     # data (paths relative to `dataroot` unless absolute)
-    dataset: str = "refcoco+"  # refcoco, refcoco+ or refcocog: the options it implies follow --dataset
+    dataset: str = "refcoco+"  # refcoco, refcoco+ or refcocog (the options it implies follow --dataset); vqa
     splitBy: str = "unc"
     dataroot: str = "data/referExpression"
     features_h5path1: str = "refcoco+_resnet101_faster_rcnn_genome.lmdb"  # detected boxes
     features_h5path2: str = "refcoco+_gt_resnet101_faster_rcnn_genome.lmdb"  # ground-truth boxes (train only)
+    features_test: str = ""  # the test split's features when they are an LMDB of their own (VQA: test2015)
     feature_cache: bool = True  # read the features from their decoded cache (vilbert/features.py)
     build_feature_cache: bool = True  # build that cache (float16) on first use when missing or stale
     train_split: str = "train"
@@ -54,6 +54,7 @@ class RunOptions:
     config_file: str = "config/bert_base_6layer_6conect.json"
     from_pretrained: str = ""  # .bin (official), .pdparams (ours or the earlier Paddle port); empty: random init
     task_id: int = 0  # task-token id, only for 12-in-1 models built with task_specific_tokens
+    classifier: str = "beta"  # vil_prediction's form: beta (weight-normed MLP) or 12in1 (GeLU + LayerNorm MLP)
     # optimisation (vilbert_beta train_tasks.py + BertAdam)
     batch_size: int = 256  # global, over all devices and accumulation steps
     eval_batch_size: int = 1024
@@ -85,17 +86,11 @@ class RunOptions:
     resume: str = ""  # a run's last.pdparams, or 'auto' to continue <output_dir>/<save_name> if it exists
 
     def validate(self) -> None:
-        problems = []
-        if self.dataset not in DATASETS:
-            problems.append(f"dataset={self.dataset!r} must be one of {', '.join(DATASETS)}")
-        elif self.splitBy not in SPLITS_BY[self.dataset]:
-            problems.append(f"splitBy={self.splitBy!r}: {self.dataset} has {' or '.join(SPLITS_BY[self.dataset])}")
-        else:
-            for name in ("train_split", "val_split"):
-                try:
-                    check_split(self.dataset, getattr(self, name), self.splitBy)
-                except UnknownSplitError as error:
-                    problems.append(f"{name}: {error}")
+        from .tasks import TASKS  # the tasks import the datasets, which need these options
+
+        if self.task not in TASKS:
+            raise OptionsError(f"task={self.task!r} must be one of {', '.join(TASKS)}")
+        problems = TASKS[self.task].validate(self)
         if self.amp not in ("off", "bf16", "fp16"):
             problems.append(f"amp={self.amp!r} must be off, bf16 or fp16")
         if self.tokenization not in TOKENIZATIONS:
@@ -155,12 +150,17 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--task_config", default=None,
-                        help=f"task YAML giving the defaults (default: {DEFAULT_TASK_CONFIG.relative_to(PROJECT_ROOT)})")
+                        help=f"task YAML giving the defaults (default: the --task's, "
+                             f"{DEFAULT_TASK_CONFIG.relative_to(PROJECT_ROOT)} for referring expressions)")
     parser.add_argument("--demo", action="store_true",
-                        help="the small demo recipe (config/demo.yml) on generated data; makes it if missing")
+                        help="the small demo recipe of the task (config/demo.yml, config/demo_vqa.yml) on generated "
+                             "data; makes it if missing")
     for f in dataclasses.fields(RunOptions):
         kind = _field_type(f)
-        if kind is bool:
+        if f.name == "task":
+            parser.add_argument("--task", default=None, help="refer or vqa: the task, and the short form of its "
+                                "task config (config/refcoco+.yml, config/vqa.yml; with --demo its demo config)")
+        elif kind is bool:
             parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None)
         elif typing.get_origin(f.type) is list:
             parser.add_argument(f"--{f.name}", nargs="+", type=typing.get_args(f.type)[0], default=None)
@@ -175,13 +175,21 @@ def parse_options(parser: argparse.ArgumentParser, argv=None, config_beside_chec
     With `config_beside_checkpoint`, a `config.yaml` next to `--from_pretrained` (a run directory of ours)
     is the YAML unless `--task_config` is given, so a checkpoint is evaluated with the options it was trained with.
     """
+    from .tasks import TASKS
+
     args = parser.parse_args(argv)
-    task_config = args.task_config or (DEMO_TASK_CONFIG if args.demo else DEFAULT_TASK_CONFIG)
-    if config_beside_checkpoint and not args.task_config and args.from_pretrained:
+    if args.task is not None and args.task not in TASKS:
+        parser.error(f"--task {args.task}: the tasks are {', '.join(TASKS)}")
+    task_config = args.task_config
+    if config_beside_checkpoint and not task_config and args.from_pretrained:
         beside = Path(args.from_pretrained).parent / "config.yaml"
-        if beside.exists():
-            task_config = beside
+        task_config = beside if beside.exists() else None
+    if not task_config:
+        task_config = PROJECT_ROOT / "config" / TASKS[args.task or "refer"].configs[bool(args.demo)]
     values = load_task_config(task_config)
+    if args.task is not None and values.get("task", "refer") != args.task:
+        raise OptionsError(f"--task {args.task} does not match {task_config}, a {values.get('task', 'refer')} "
+                           f"config: leave out one of them")
     if args.dataset is not None:  # what follows from the dataset follows it, unless given as a flag too
         values.update(follow_dataset(dataclasses.asdict(RunOptions(**values)), args.dataset))
     for f in dataclasses.fields(RunOptions):

@@ -6,8 +6,9 @@ same checks run on the CPU, and the real config's step at a small batch. The num
 `tests/test_gpu.py` runs on a CUDA build, through the same functions.
 
 - paddle: version (supported?), build, CUDA and cuDNN, device name and memory;
-- parity: `vision_logit` of the official tiny model (tests/data/official_tiny.npz, written by the official PyTorch
-  code) on this device; on a GPU also against the same model on the CPU;
+- parity: the task heads (`vision_logit`, beta's `vil_prediction`, `vil_logit`) of the official tiny model
+  (tests/data/official_tiny.npz, written by the official PyTorch code) on this device; on a GPU also against the
+  same model on the CPU;
 - optimizer: BertAdam on this device replays the official BertAdam's recorded run;
 - amp: one bf16 and one fp16 training step of the tiny model, loss and weights finite;
 - launch: 2 processes on 2 GPUs train the demo's first epoch (when 2 GPUs are visible);
@@ -40,10 +41,11 @@ from .dataset import collate
 from .engine import prepare, train_one_epoch
 from .features import FeatureCache
 from .loader import throughput
-from .model import VILBertForVLTasks
+from .model import TASK_HEADS, VILBertForVLTasks
 from .optimization import BertAdam, build_param_groups
 from .options import PROJECT_ROOT, RunOptions
 from .tokenization import BertTokenizer
+from .tasks import get_task
 from .training import build_dataset, build_grad_scaler, build_model, build_optimizer, eval_loader, train_loader
 
 REFERENCE_DATA = PROJECT_ROOT / "tests" / "data"
@@ -74,11 +76,13 @@ def official_tiny_reference() -> dict:
 
 
 def official_tiny_outputs(reference: dict, device: str) -> dict:
-    """The official tiny model's outputs on `device` (its converted weights, its recorded padded batch)."""
+    """The official tiny model's outputs on `device` (its converted beta weights, every task head, its recorded
+    padded batch)."""
     from .checkpoint import convert_state_dict
 
     paddle.set_device(device)
-    model = VILBertForVLTasks(ViLBertConfig.from_dict(json.loads(str(reference["config_json"]))))
+    model = VILBertForVLTasks(ViLBertConfig.from_dict(json.loads(str(reference["config_json"]))), heads=TASK_HEADS,
+                              num_labels=len(reference["weight/vil_prediction.main.3.bias"]), classifier="beta")
     model.eval()
     official = {key[len("weight/"):]: value for key, value in reference.items() if key.startswith("weight/")}
     converted, _ = convert_state_dict(official, {k: tuple(v.shape) for k, v in model.state_dict().items()}, "torch")
@@ -87,16 +91,22 @@ def official_tiny_outputs(reference: dict, device: str) -> dict:
 
 
 def reference_outputs(model, reference: dict) -> dict:
-    """The model's outputs (name -> array) on the reference's recorded batch, in the official argument order."""
+    """The model's outputs (name -> array) on the reference's recorded batch, in the official argument order; the
+    heads it does not build are left out."""
     with paddle.no_grad():
         output = model(*(paddle.to_tensor(reference[f"input/{name}"]) for name in REFERENCE_INPUTS))
-    return {field.name: getattr(output, field.name).numpy() for field in dataclasses.fields(output)}
+    return {field.name: getattr(output, field.name).numpy() for field in dataclasses.fields(output)
+            if getattr(output, field.name) is not None}
 
 
-def vision_logit_difference(reference: dict, outputs: dict) -> float:
-    """Max |Δ| of `vision_logit` over the real (unpadded) regions."""
+def head_differences(reference: dict, outputs: dict) -> dict:
+    """Max |Δ| of each task head against the official output (beta's vil_prediction); `vision_logit` over the real
+    (unpadded) regions."""
     real = reference["input/image_attention_mask"].astype(bool)
-    return float(np.abs(outputs["vision_logit"][..., 0] - reference["output/vision_logit"][..., 0])[real].max())
+    diffs = {name: np.abs(outputs[name] - reference[f"output/{recorded}"]) for name, recorded in
+             (("vision_logit", "vision_logit"), ("vil_prediction", "vil_prediction_beta"), ("vil_logit", "vil_logit"))}
+    diffs["vision_logit"] = diffs["vision_logit"][..., 0][real]
+    return {name: float(diff.max()) for name, diff in diffs.items()}
 
 
 def bertadam_replay_difference(device: str) -> float:
@@ -149,7 +159,8 @@ def synthetic_batch(config: ViLBertConfig, size: int, tokens: int = 20, regions:
 def train_steps(model, optimizer, batch: dict, amp: str, steps: int) -> float:
     """`steps` training steps on `batch`, run by train.py's own `train_one_epoch` (fp16 with its loss scaler);
     returns their mean loss."""
-    loss, _ = train_one_epoch(model, [batch] * steps, optimizer, epoch=0, amp=amp, scaler=build_grad_scaler(amp),
+    loss, _ = train_one_epoch(model, [batch] * steps, optimizer, task=get_task("refer"), epoch=0, amp=amp,
+                              scaler=build_grad_scaler(amp),
                               show_progress=False)
     return loss
 
@@ -239,12 +250,14 @@ class SelfCheck:
     def check_parity(self):
         reference = official_tiny_reference()
         outputs = official_tiny_outputs(reference, self.device)
-        diff = vision_logit_difference(reference, outputs)
-        detail = f"vision_logit on {self.device} vs the official PyTorch output: max |Δ| {diff:.1e}"
+        diffs = head_differences(reference, outputs)
+        diff = max(diffs.values())
+        detail = (f"task heads on {self.device} vs the official PyTorch output: max |Δ| "
+                  + ", ".join(f"{name} {value:.1e}" for name, value in diffs.items()))
         if self.gpu:
             cpu = official_tiny_outputs(reference, "cpu")
             paddle.set_device("gpu")
-            cross = float(np.abs(outputs["vision_logit"] - cpu["vision_logit"]).max())
+            cross = max(float(np.abs(outputs[name] - cpu[name]).max()) for name in TASK_HEADS)
             detail += f"; gpu vs cpu {cross:.1e}"
             diff = max(diff, cross)
         tolerance = PARITY_TOLERANCE[self.device]

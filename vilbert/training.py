@@ -1,4 +1,5 @@
-"""What train.py and eval.py build from the options: tokenizer, datasets, loaders, model; and the fit loop.
+"""What train.py and eval.py build from the options: task, datasets, loaders, model; and the fit loop, one for
+every task (`vilbert/tasks`).
 
 A run directory (`<output_dir>/<save_name>/`) holds everything a run writes: `config.yaml` (the resolved
 options), `metrics.jsonl` (one line per epoch), `curves.png`, `last.pdparams` (resumable: model, optimizer,
@@ -24,7 +25,6 @@ from pyutils.refer import AnnotationError
 
 from .checkpoint import CheckpointError, load_pretrained, read_training_state, save_checkpoint
 from .config import ConfigError, ViLBertConfig
-from .dataset import ReferExpressionDataset
 from .engine import EpochBatchSampler, NonFiniteLossError, evaluate, train_one_epoch
 from .features import FeaturesError, ImageNotInFeatures, open_features
 from .fileio import atomic_path, atomic_write
@@ -34,7 +34,9 @@ from .optimization import BertAdam, build_param_groups, describe_param_groups
 from .options import OptionsError, RunOptions, resolve_device
 from .refer_datasets import UnknownSplitError
 from .storage import localize
+from .tasks import get_task
 from .tokenization import BertTokenizer
+from .vqa_data import VQADataError
 
 
 class OutOfMemoryError(MemoryError):
@@ -44,7 +46,8 @@ class OutOfMemoryError(MemoryError):
 # What the user can fix (paths, downloads, configs, flags, checkpoints, a diverging or too large run): the
 # entry scripts report these as one line instead of a traceback.
 USER_ERRORS = (FileNotFoundError, PermissionError, OptionsError, ConfigError, CheckpointError, FeaturesError,
-               ImageNotInFeatures, NonFiniteLossError, OutOfMemoryError, AnnotationError, UnknownSplitError)
+               ImageNotInFeatures, NonFiniteLossError, OutOfMemoryError, AnnotationError, UnknownSplitError,
+               VQADataError)
 
 
 @contextlib.contextmanager
@@ -68,7 +71,7 @@ def out_of_memory_hint(advice: str):
 def localize_paths(options: RunOptions) -> RunOptions:
     """The same options with s3:// data roots, feature folders and checkpoints mirrored into the local cache."""
     return dataclasses.replace(options, **{name: localize(getattr(options, name)) for name in (
-        "dataroot", "features_h5path1", "features_h5path2", "from_pretrained")})
+        "dataroot", "features_h5path1", "features_h5path2", "features_test", "from_pretrained")})
 
 
 def setup_device(options: RunOptions) -> str:
@@ -93,16 +96,9 @@ def seed_everything(seed: int) -> None:
     paddle.seed(seed)
 
 
-def build_dataset(options: RunOptions, split: str, tokenizer: BertTokenizer) -> ReferExpressionDataset:
-    det = open_features(options.data_path(options.features_h5path1), cache=options.feature_cache,
-                        build=options.build_feature_cache)
-    gt = None
-    if split == options.train_split:
-        gt = open_features(options.data_path(options.features_h5path2), cache=options.feature_cache,
-                           build=options.build_feature_cache)
-    return ReferExpressionDataset(options.dataroot, split, tokenizer, det, gt, dataset=options.dataset,
-                                  splitBy=options.splitBy, max_seq_length=options.max_seq_length,
-                                  max_region_num=options.max_region_num, tokenization=options.tokenization)
+def build_dataset(options: RunOptions, split: str, tokenizer: BertTokenizer):
+    """The dataset of `split` for the options' task."""
+    return get_task(options.task).build_dataset(options, split, tokenizer)
 
 
 def train_loader(dataset, options: RunOptions) -> BatchLoader:
@@ -119,15 +115,17 @@ def train_loader(dataset, options: RunOptions) -> BatchLoader:
 
 
 def eval_loader(dataset, options: RunOptions) -> BatchLoader:
-    """Every expression exactly once: rank r takes samples r, r + world, ... (no padding)."""
+    """Every sample exactly once: rank r takes samples r, r + world, ... (no padding)."""
     indices = list(range(dist.get_rank(), len(dataset), dist.get_world_size()))
     batches = [indices[i:i + options.eval_batch_size] for i in range(0, len(indices), options.eval_batch_size)]
     return BatchLoader(dataset, batches, options.num_workers)
 
 
 def build_model(options: RunOptions, checkpoint: str = "", log=print) -> VILBertForVLTasks:
-    """The model of `config_file`, with weights from `checkpoint` (else `from_pretrained`) when given."""
-    model = VILBertForVLTasks(ViLBertConfig.from_json(options.config_file))
+    """The model of `config_file` with the task's heads, with weights from `checkpoint` (else `from_pretrained`)
+    when given."""
+    model = VILBertForVLTasks(ViLBertConfig.from_json(options.config_file),
+                              **get_task(options.task).model_heads(options))
     checkpoint = checkpoint or options.from_pretrained
     if checkpoint:
         load_pretrained(model, checkpoint)
@@ -137,20 +135,22 @@ def build_model(options: RunOptions, checkpoint: str = "", log=print) -> VILBert
     return model
 
 
-class VisionLogitDataParallel(paddle.DataParallel):
-    """DataParallel that traces the backward graph from `vision_logit`, the only output the REC loss reads.
+class TaskOutputDataParallel(paddle.DataParallel):
+    """DataParallel that traces the backward graph from the one output the task's loss reads (`output`).
 
     DataParallel looks for the output tensors in tensors, lists, tuples and dicts only, so the model's
     `ViLBertOutput` would look like no output at all (every gradient then fails as "ready before"); and
-    tracing from all its fields would wait forever for the gradients of the poolers and of the text side of
-    the last co-attention layer, which REC never uses (the official code runs apex DDP, which skips them).
+    tracing from all its fields would wait forever for the gradients of parameters the loss never reaches
+    (for REC the poolers and the text side of the last co-attention layer; the official code runs apex DDP,
+    which skips them).
     """
 
-    def __init__(self, model):
+    def __init__(self, model, output: str):
         super().__init__(model, find_unused_parameters=True)
+        self.output = output
 
     def _find_tensor(self, obj):
-        return [obj.vision_logit] if isinstance(obj, ViLBertOutput) else super()._find_tensor(obj)
+        return [getattr(obj, self.output)] if isinstance(obj, ViLBertOutput) else super()._find_tensor(obj)
 
 
 def build_optimizer(model, options: RunOptions, steps_per_epoch: int) -> BertAdam:
@@ -177,6 +177,7 @@ def fit(options: RunOptions) -> dict:
     options = localize_paths(options)
     main = is_main_process()
     log = functools.partial(print, flush=True) if main else (lambda *a, **k: None)  # flushed: logs go to files
+    task = get_task(options.task)
     seed_everything(options.seed)
     run_dir = options.run_dir
     tokenizer = BertTokenizer(options.bert_model)
@@ -189,14 +190,15 @@ def fit(options: RunOptions) -> dict:
     steps_per_epoch = len(train_batches) // options.gradient_accumulation_steps
     micro = train_batches.batch_sampler.micro_batch
     optimizer, groups = build_optimizer(model, options, steps_per_epoch)
-    log(f"Device: {device} x {dist.get_world_size()}; {len(train_set)} train / {len(val_set)} val expressions; "
+    log(f"Device: {device} x {dist.get_world_size()}; {len(train_set)} train / {len(val_set)} val {task.unit}; "
         f"batch {options.batch_size} = {dist.get_world_size()} device(s) x "
         f"{options.gradient_accumulation_steps} step(s) x {micro}; "
         f"{steps_per_epoch} steps/epoch")
     log(describe_param_groups(groups))
 
     scaler = build_grad_scaler(options.amp)  # weights stay fp32 under O1 autocast
-    start_epoch, best = 0, {"val_accuracy": -1.0, "epoch": -1}
+    metric = f"val_{task.metric}"
+    start_epoch, best = 0, {metric: -1.0, "epoch": -1}
     if resume_path:
         state = read_training_state(resume_path)
         model.set_state_dict(state["model"])
@@ -208,7 +210,7 @@ def fit(options: RunOptions) -> dict:
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(run_dir / "config.yaml", options.to_yaml())
-    network = VisionLogitDataParallel(model) if dist.get_world_size() > 1 else model
+    network = TaskOutputDataParallel(model, task.output) if dist.get_world_size() > 1 else model
     if options.amp != "off" and device == "cpu":
         log(f"Note: --amp {options.amp} has no effect on CPU: Paddle's autocast only acts on GPU (and XPU) devices.")
         warnings.filterwarnings("ignore", message="amp_guard can only be enabled")
@@ -223,28 +225,29 @@ def fit(options: RunOptions) -> dict:
         with out_of_memory_hint(f"each step holds {micro} sample(s) per device: raise --gradient_accumulation_steps "
                                 f"(now {options.gradient_accumulation_steps}) to split every batch of "
                                 f"{options.batch_size} into smaller steps with the same result"):
-            train_loss, train_acc = train_one_epoch(network, train_batches, optimizer, epoch=epoch, amp=options.amp,
-                                                    accumulation=options.gradient_accumulation_steps,
-                                                    task_id=options.task_id, scaler=scaler, show_progress=main)
+            train_loss, train_score = train_one_epoch(network, train_batches, optimizer, task=task, epoch=epoch,
+                                                      amp=options.amp, accumulation=options.gradient_accumulation_steps,
+                                                      task_id=options.task_id, scaler=scaler, show_progress=main)
         with out_of_memory_hint(f"lower --eval_batch_size (now {options.eval_batch_size})"):
-            result = evaluate(model, val_batches, amp=options.amp, task_id=options.task_id)
-        metrics = {"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc,
-                   "val_loss": result.loss, "val_accuracy": result.accuracy, "lr": optimizer.get_lr(),
+            result = evaluate(model, val_batches, task=task, amp=options.amp, task_id=options.task_id)
+        value = result.metric(task)
+        metrics = {"epoch": epoch, "train_loss": train_loss, f"train_{task.metric}": train_score,
+                   "val_loss": result.loss, metric: value, "lr": optimizer.get_lr(),
                    "seconds": round(time.time() - started, 1)}
-        log(f"Epoch {epoch} done! Train loss: {train_loss:.5f}, Val accuracy: {result.accuracy:.4f}")
+        log(f"Epoch {epoch} done! Train loss: {train_loss:.5f}, Val {task.metric}: {value:.4f}")
         if not main:
             continue
         history.append(metrics)
-        if result.accuracy > best["val_accuracy"]:
-            best = {"val_accuracy": result.accuracy, "epoch": epoch}
+        if value > best[metric]:
+            best = {metric: value, "epoch": epoch}
             save_checkpoint(model.state_dict(), run_dir / "best.pdparams")
         atomic_write(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in history))
-        plot_curves(history, run_dir / "curves.png")
+        plot_curves(history, run_dir / "curves.png", task)
         # last, as the commit point: a run killed before it redoes this epoch, with nothing of it missing
         save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scaler": scaler.state_dict() if scaler else {}, "epoch": epoch, "best": best,
                          "options": dataclasses.asdict(options)}, run_dir / "last.pdparams")
-    log(f"Best val accuracy {best['val_accuracy']:.4f} at epoch {best['epoch']}; checkpoints in {run_dir}")
+    log(f"Best val {task.metric} {best[metric]:.4f} at epoch {best['epoch']}; checkpoints in {run_dir}")
     return metrics
 
 
@@ -265,8 +268,8 @@ def _read_history(path: Path, before: int) -> list:
     return [m for m in map(json.loads, path.read_text().splitlines()) if m["epoch"] < before]
 
 
-def plot_curves(history: list, path: Path) -> None:
-    """Loss and accuracy per epoch, written atomically as a PNG."""
+def plot_curves(history: list, path: Path, task) -> None:
+    """Loss and the task's metric per epoch, written atomically as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -276,10 +279,10 @@ def plot_curves(history: list, path: Path) -> None:
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot(epochs, [m["train_loss"] for m in history], "o-", label="train")
     ax_loss.plot(epochs, [m["val_loss"] for m in history], "o-", label="val")
-    ax_loss.set(xlabel="epoch", ylabel="loss", title="REC loss")
-    ax_acc.plot(epochs, [m["train_accuracy"] for m in history], "o-", label="train")
-    ax_acc.plot(epochs, [m["val_accuracy"] for m in history], "o-", label="val")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy (IoU > 0.5)", title="accuracy")
+    ax_loss.set(xlabel="epoch", ylabel="loss", title=f"{task.title}: loss")
+    ax_acc.plot(epochs, [m[f"train_{task.metric}"] for m in history], "o-", label="train")
+    ax_acc.plot(epochs, [m[f"val_{task.metric}"] for m in history], "o-", label="val")
+    ax_acc.set(xlabel="epoch", ylabel=task.metric, title=task.metric)
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend()
