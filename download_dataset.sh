@@ -656,8 +656,8 @@ download_vqa() {
   done
   for name in "${VQA_CACHE[@]}"; do [ -s "$DATA_ROOT/$name" ] || cache_missing=1; done
   if [ "$cache_missing" -eq 1 ]; then
-    download_12in1 "The VQA answer caches (cache/*_target.pkl, cache/trainval_*.pkl)" "VQA/cache/'s four files" ||
-      failed=1
+    download_12in1 "The VQA answer caches (cache/*_target.pkl, cache/trainval_*.pkl)" \
+      "VQA/cache/ (its four answer files)" || failed=1
   else
     echo "= cache/: the four answer files already present, skipped"
   fi

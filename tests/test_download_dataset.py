@@ -309,7 +309,8 @@ def test_vqa_download_from_a_mirror_then_skips_what_is_there(vqa_mirror, vqa_roo
     assert sorted(p.name for p in target.iterdir()) == sorted([*VQA_ZIPS.values(), "cache", "datasets.tar.gz"])
     assert sorted(p.name for p in (target / "cache").iterdir()) == sorted(Path(name).name for name in VQA_CACHE)
     for name in COCO_LMDBS:
-        assert (tmp_path / "data" / "coco" / name / "data.mdb").read_bytes() == (served / name / "data.mdb").read_bytes()
+        fetched = tmp_path / "data" / "coco" / name / "data.mdb"
+        assert fetched.read_bytes() == (served / name / "data.mdb").read_bytes()
     size = (served / "datasets.tar.gz").stat().st_size
     assert "The VQA answer caches" in result.stdout and f"({size} bytes, as the server reports it)" in result.stdout
     assert "All files present and readable." in result.stdout and not list(tmp_path.rglob("*.part"))

@@ -15,8 +15,8 @@ from test_demo_data import attributes, read_lmdb
 from vilbert.demo_data import COLOURS, KINDS, PERSON_KINDS
 from vilbert.features import decode_record
 from vilbert.vqa_answers import compute_targets, create_ans2label, filter_answers, read_annotation_list
-from vilbert.vqa_data import (ANNOTATION_FILES, ANS2LABEL, LABEL2ANS, QUESTION_FILES, SPLITS, TARGET_FILES, load_split,
-                              read_answer_vocab, read_targets)
+from vilbert.vqa_data import (ANNOTATION_FILES, ANS2LABEL, LABEL2ANS, QUESTION_FILES, SPLITS, TARGET_FILES,
+                              load_split, read_answer_vocab, read_targets)
 from vilbert.vqa_demo_data import (COCO_DIR, COMPLETE_MARKER, TEST_LMDB, TRAINVAL_LMDB, majority_baseline,
                                    make_vqa_demo)
 
@@ -67,14 +67,16 @@ def test_question_and_annotation_files_have_the_official_fields(files):
             assert question["question"][0].isupper() and question["question"].endswith("?")
     for part, data in annotations.items():
         assert list(data) == ANNOTATION_KEYS and data["data_subtype"] == f"{part}2014"
-        assert [a["question_id"] for a in data["annotations"]] == [q["question_id"] for q in questions[part]["questions"]]
+        asked = [q["question_id"] for q in questions[part]["questions"]]
+        assert [a["question_id"] for a in data["annotations"]] == asked
         for record in data["annotations"]:
             assert set(record) == {"question_type", "multiple_choice_answer", "answers", "image_id", "answer_type",
                                    "question_id"}
             assert [a["answer_id"] for a in record["answers"]] == list(range(1, 11))
             assert all(set(a) == {"answer", "answer_confidence", "answer_id"} for a in record["answers"])
             assert {a["answer_confidence"] for a in record["answers"]} <= {"yes", "maybe", "no"}
-            assert record["multiple_choice_answer"] == Counter(a["answer"] for a in record["answers"]).most_common(1)[0][0]
+            consensus = Counter(a["answer"] for a in record["answers"]).most_common(1)[0][0]
+            assert record["multiple_choice_answer"] == consensus
             assert record["answer_type"] in ("yes/no", "number", "other")
             assert record["question_type"] in ("what color is the", "what is the", "what animal is", "who is",
                                                "how many", "how many people are", "is there a", "are there any",

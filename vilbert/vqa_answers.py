@@ -135,9 +135,10 @@ def vqa_accuracy(predictions: Mapping[int, str], annotations: Mapping[int, dict]
     As ``VQAEval.evaluate(quesIds=...)`` with the predicted ids, in annotation-file order. Returns
     ``{"overall", "per_answer_type": {type: acc}, "per_question_type": {type: acc}, "per_question": {qid: acc},
     "questions": count}``; the averages are plain means over questions. All are raw floats in [0, 1]: the
-    original reports 100 x these, rounded to 2 decimals (vqaEval.py:158-173). (The original also rewrites the
-    ground truth in place, vqaEval.py:88-101, so a second ``evaluate`` on the same object can differ; this is
-    its first call.)
+    original reports 100 x these rounded to 2 decimals (vqaEval.py:158-173) by Python 2, whose ``round`` takes
+    halves away from zero (63.125 -> 63.13; Python 3's gives 63.12). (The original also rewrites the ground
+    truth in place, vqaEval.py:88-101, so a second ``evaluate`` on the same object can differ; this is its
+    first call.)
     """
     unknown = [qid for qid in predictions if qid not in annotations]
     if unknown:

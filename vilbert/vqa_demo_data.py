@@ -13,10 +13,10 @@ it like the real data:
 The cache files are computed from the annotations as bottom-up-attention-vqa's `tools/compute_softscore.py`
 does (`vilbert/vqa_answers.py`: answers that are the consensus of at least 9 train+val questions, soft scores
 0.3 per human up to 1). `layout='beta'` writes vilbert_beta's LMDB records (str fields, base64 float32 arrays;
-no `cls_prob`, as `script/convert_trainval_lmdb.py` keeps none), `layout='mt'` 12-in-1's (ints, numpy arrays);
-the paths are vilbert_beta's for both.
+`cls_prob` None, as `script/convert_trainval_lmdb.py`'s fields have none), `layout='mt'` 12-in-1's (ints, numpy
+arrays); the paths are vilbert_beta's for both.
 
-The images are those of the generated RefCOCO (`vilbert/demo_data.py`): 4-8 objects with a colour and a kind,
+The images are drawn as the generated RefCOCO's (`vilbert/demo_data.py`): 4-8 objects with a colour and a kind,
 whose region features carry both as scaled one-hot blocks plus noise. The questions are answered by those
 features, in the question types of the real data: colour ("What color is the dog?", of a kind present once),
 kind ("What is the red object?", "What animal is white?", "Who is wearing blue?", of a colour that singles
@@ -188,13 +188,12 @@ def _candidates(colours: List[int], kinds: List[int]) -> List[Question]:
 def _ask(rng, colours: List[int], kinds: List[int]) -> List[Question]:
     """3-8 different questions about one image: a family drawn by FAMILY_WEIGHTS among those the image has
     questions of, then an answer drawn uniformly among its questions' answers (so yes and no, and the counts,
-    are about equally likely), then one of the questions with that answer."""
+    are about equally likely), then one of the questions with that answer. Every image has 16 yes/no questions
+    (is there a / are there any, of each kind), so there are always enough."""
     left = _candidates(colours, kinds)
     asked = []
     for _ in range(int(rng.integers(3, 9))):
         families = [family for family in FAMILY_WEIGHTS if any(q.family == family for q in left)]
-        if not families:
-            break
         weights = np.array([FAMILY_WEIGHTS[family] for family in families])
         family = families[rng.choice(len(families), p=weights / weights.sum())]
         answers = sorted({q.answer for q in left if q.family == family})
