@@ -1,10 +1,12 @@
 """Samples/s of the loaders train.py uses (train and eval, built as `vilbert.training` builds them), against
-the time memcpy takes to copy one batch's feature bytes once.
+the time memcpy takes to copy one batch's feature bytes once, for every task.
 
     python bench/bench_loader.py --root /big/refcoco+_sized --make_root   # generate it first (~24 GB, minutes)
     python bench/bench_loader.py --root data/referExpression                # a root you have
+    python bench/bench_loader.py --task vqa --root /big/vqa/VQA --make_root --images 10000   # VQA (features in ../coco)
 
-Options are those of config/refcoco+.yml (batch 256, eval batch 1024, up to 100 regions) on the given root.
+Options are those of the task's config (config/refcoco+.yml, config/vqa.yml: batch 256, eval batch 1024, up to
+100 regions) on the given root; a generated root has 10-100 detections per image, as real detectors return.
 Rows: num_workers 0, 1, 2, 4 of the shipped loader (`vilbert.loader.BatchLoader`: threads) on the float16
 cache (built on first use, as train.py does; its build time is printed) and on the LMDB alone, and Paddle's
 `paddle.io.DataLoader` with worker processes, each assembling whole batches with the same `dataset.batch`, and
@@ -44,11 +46,13 @@ sys.path.insert(0, str(REPO))
 import vilbert  # noqa: E402,F401  (CPU settings before paddle loads)
 import paddle  # noqa: E402
 
-from vilbert.demo_data import DETECTED_LMDB, GT_LMDB, make_demo_dataset  # noqa: E402
+from vilbert.demo_data import make_demo_dataset  # noqa: E402
 from vilbert.features import default_cache_path  # noqa: E402
 from vilbert.loader import throughput  # noqa: E402
-from vilbert.options import DEFAULT_TASK_CONFIG, RunOptions, load_task_config  # noqa: E402
+from vilbert.options import PROJECT_ROOT, RunOptions, load_task_config  # noqa: E402
+from vilbert.tasks import TASKS  # noqa: E402
 from vilbert.tokenization import BertTokenizer  # noqa: E402
+from vilbert.vqa_demo_data import make_vqa_demo  # noqa: E402
 from vilbert.training import build_dataset, eval_loader, train_loader  # noqa: E402
 
 WORKERS = (0, 1, 2, 4)
@@ -58,13 +62,18 @@ def disk_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def make_root(root: Path, images: int) -> None:
-    """A RefCOCO+-sized generated root: RefCOCO+'s split of images (85% train, 7.5% val, 3.75% each test
-    split) with 10-100 detections per image."""
+def make_root(task: str, root: Path, images: int) -> None:
+    """A generated root with 10-100 detections per image: RefCOCO+'s split of images (85% train, 7.5% val,
+    3.75% each test split), or VQA's (train2014 / val2014 / test2015 about 2 : 1 : 2 of COCO; `root` is the
+    VQA data root, its features go to ../coco)."""
     print(f"Generating {images} images in {root} ...", flush=True)
     started = time.time()
-    make_demo_dataset(root, num_train_images=int(images * 0.85), num_val_images=int(images * 0.075),
-                      num_test_images=int(images * 0.0375), max_detections=100)
+    if task == "vqa":
+        make_vqa_demo(root.parent, num_train_images=int(images * 0.4), num_val_images=int(images * 0.2),
+                      num_test_images=int(images * 0.4), max_detections=100)
+    else:
+        make_demo_dataset(root, num_train_images=int(images * 0.85), num_val_images=int(images * 0.075),
+                          num_test_images=int(images * 0.0375), max_detections=100)
     print(f"... {time.time() - started:.0f} s", flush=True)
 
 
@@ -113,7 +122,8 @@ def paddle_process_loader(dataset, batch_sampler, workers: int):
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", required=True, help="a RefCOCO+-format data root")
+    parser.add_argument("--task", default="refer", choices=list(TASKS), help="whose loader and config")
+    parser.add_argument("--root", required=True, help="a data root of the task (RefCOCO+-format, VQA-format)")
     parser.add_argument("--make_root", action="store_true", help="generate the root first if it is not there")
     parser.add_argument("--images", type=int, default=20000, help="images of a generated root (RefCOCO+: 19,992)")
     parser.add_argument("--samples", type=int, default=50000, help="timed samples per row on the cache")
@@ -121,8 +131,11 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of all rows; the best counts")
     args = parser.parse_args(argv)
     root = Path(args.root)
-    if args.make_root and not (root / "refcoco+" / "refs(unc).p").exists():
-        make_root(root, args.images)
+    task = TASKS[args.task]
+    config = PROJECT_ROOT / "config" / task.configs[0]
+    options = RunOptions(**{**load_task_config(config), "dataroot": str(root)})
+    if args.make_root and not task.data_marker(options).exists():
+        make_root(args.task, root, args.images)
     print(describe_cpu())
     print(f"Paddle {paddle.__version__}, {'CUDA' if paddle.is_compiled_with_cuda() else 'CPU-only'} build")
     print(f"Root {root}: {disk_size(root) / 2**30:.1f} GiB on disk", flush=True)
@@ -131,9 +144,9 @@ def main(argv=None) -> None:
     print("Memory bandwidth, 105 MB copied by each of 1 / 2 / 4 threads at once: "
           + " / ".join(f"{rate:.1f}" for rate in rates.values()) + " GB/s (the ceiling for more workers)", flush=True)
 
-    options = RunOptions(**{**load_task_config(DEFAULT_TASK_CONFIG), "dataroot": str(root)})
     tokenizer = BertTokenizer(options.bert_model)
-    caches = [default_cache_path(root / name) for name in (DETECTED_LMDB, GT_LMDB)]
+    caches = [default_cache_path(options.data_path(name)) for name in (options.features_h5path1,
+                                                                         options.features_h5path2) if name]
     if not all(path.exists() for path in caches):
         started = time.time()
         build_dataset(options, options.train_split, tokenizer)
@@ -183,7 +196,7 @@ def main(argv=None) -> None:
                     rows[row] = rate, seconds, nbytes, memcpy_seconds(nbytes)  # the copy under the same load
                 print(*row, f"{rate:,.0f}/s", flush=True)
 
-    print(f"\nLoaders at config/refcoco+.yml (batch {options.batch_size}, eval batch {options.eval_batch_size}, "
+    print(f"\nLoaders at config/{config.name} (batch {options.batch_size}, eval batch {options.eval_batch_size}, "
           f"up to {options.max_region_num} regions), one process, best of {args.rounds} rounds")
     print(f"{'loader':<23}{'split':<7}{'features':<12}{'workers':>8}{'samples/s':>11}{'ms/batch':>10}"
           f"{'MB/batch':>10}{'memcpy ms':>11}{'ratio':>7}")

@@ -348,18 +348,16 @@ def test_a_vil_prediction_of_the_other_family_says_which_classifier_to_set(name,
     with pytest.raises(CheckpointError) as excinfo:
         load_pretrained(real_torch_file_model(classifier, num_labels), ROOT / "tests" / "data" / name)
     message = str(excinfo.value)
-    assert "1 problem(s)" in message and f"set --classifier {held}" in message
-    assert ("vil_prediction.logit_fc.*" in message and "vil_prediction.main.*" in message
-            and "--config_file" not in message)
+    assert "\n" not in message and message.endswith(f": set --classifier {held}")
+    assert "vil_prediction.logit_fc.*" in message and "vil_prediction.main.*" in message
 
 
 def test_a_vil_prediction_of_another_answer_count_names_the_answer_vocabulary():
     with pytest.raises(CheckpointError) as excinfo:
         load_pretrained(real_torch_file_model("beta", 5), ROOT / "tests" / "data" / "official_tiny_beta_legacy.bin")
-    message = str(excinfo.value)
-    assert "1 problem(s)" in message and "--config_file" not in message
-    assert ("the checkpoint's vil_prediction has 7 answers, the model 5: use the answer vocabulary "
-            "(cache/trainval_ans2label.pkl) the checkpoint was trained with") in message
+    assert str(excinfo.value).endswith(
+        "official_tiny_beta_legacy.bin (torch legacy) does not fit the model: the checkpoint's vil_prediction has 7 "
+        "answers, the model 5: use the answer vocabulary (cache/trainval_ans2label.pkl) the checkpoint was trained with")
 
 
 @pytest.mark.parametrize("legacy", [True, False], ids=["legacy", "zip"])

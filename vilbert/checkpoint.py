@@ -537,15 +537,15 @@ def convert_checkpoint(path, target_shapes: dict, *, allow_fresh_heads: bool = T
     report.container = checkpoint.container
     report.notes[:0] = checkpoint.notes
     problems = report.problems()
+    where = f"{path} ({checkpoint.container}) does not fit the model"
+    if problems and problems == report.head_conflicts:  # each says what to change: one line
+        raise CheckpointError(f"{where}: {'; '.join(problems)}")
     if problems:
-        hint = ""
-        if len(problems) > len(report.head_conflicts):
-            hint += ("\nCheck that the model config (--config_file) is the one the checkpoint was trained with "
-                     "(config/bert_base_6layer_6conect.json for the released ViLBERT weights).")
+        hint = ("\nCheck that the model config (--config_file) is the one the checkpoint was trained with "
+                "(config/bert_base_6layer_6conect.json for the released ViLBERT weights).")
         if any("task_embeddings" in line for line in problems):
             hint += "\nbert.embeddings.task_embeddings is the 12-in-1 task token: set task_specific_tokens to match."
-        raise CheckpointError(f"{path} ({checkpoint.container}) does not fit the model: {len(problems)} problem(s)"
-                              "\n  " + "\n  ".join(problems) + hint)
+        raise CheckpointError(f"{where}: {len(problems)} problem(s)\n  " + "\n  ".join(problems) + hint)
     return converted, report
 
 

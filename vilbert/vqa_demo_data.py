@@ -89,11 +89,13 @@ class Question(NamedTuple):
 
 
 def make_vqa_demo(root, *, seed: int = 0, layout: str = "beta", num_train_images: int = 600,
-                  num_val_images: int = 120, num_test_images: int = 100) -> Path:
+                  num_val_images: int = 120, num_test_images: int = 100, max_detections: int = 0) -> Path:
     """Write the generated VQA data under `root` (deterministic in `seed`); return its data root, `root/VQA`.
 
     The features go to `root/coco/`. The default size (820 images; about 3,300 train, 660 val and 550 test
-    questions; 80 MB in beta layout) takes a few seconds.
+    questions; 80 MB in beta layout) takes a few seconds. max_detections > 0 adds background boxes up to that
+    many per image, as `vilbert.demo_data.make_demo_dataset` does (real detectors return 10-100: the loader
+    benchmark's realistic rows).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r} must be one of {LAYOUTS}")
@@ -116,7 +118,8 @@ def make_vqa_demo(root, *, seed: int = 0, layout: str = "beta", num_train_images
                     width, height = IMAGE_SIZES[rng.integers(len(IMAGE_SIZES))]
                     colours, kinds = scene_objects(rng)
                     boxes, free_cells = place_objects(rng, len(kinds), width, height)
-                    regions = detections(rng, image_id, width, height, colours, kinds, boxes, free_cells)
+                    regions = detections(rng, image_id, width, height, colours, kinds, boxes, free_cells,
+                                         max_detections)
                     features.put(image_id, encode_record(regions._replace(cls_prob=None), layout))
                     for k, question in enumerate(_ask(rng, colours, kinds)):
                         question_id = image_id * 1000 + k
