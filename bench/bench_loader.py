@@ -138,7 +138,11 @@ def main(argv=None) -> None:
         make_root(args.task, root, args.images)
     print(describe_cpu())
     print(f"Paddle {paddle.__version__}, {'CUDA' if paddle.is_compiled_with_cuda() else 'CPU-only'} build")
-    print(f"Root {root}: {disk_size(root) / 2**30:.1f} GiB on disk", flush=True)
+    outside = {Path(options.data_path(name)).resolve() for name in (options.features_h5path1,
+               options.features_h5path2, options.features_test) if name}  # VQA's features sit beside the root
+    outside = [path for path in outside if path.exists() and root.resolve() not in path.parents]
+    print(f"Root {root}: {(disk_size(root) + sum(map(disk_size, outside))) / 2**30:.1f} GiB on disk"
+          + (f", its feature LMDBs {', '.join(p.name for p in outside)} included" if outside else ""), flush=True)
     batch_bytes = 105 << 20
     rates = {threads: threads * batch_bytes / memcpy_seconds(batch_bytes, threads) / 1e9 for threads in (1, 2, 4)}
     print("Memory bandwidth, 105 MB copied by each of 1 / 2 / 4 threads at once: "

@@ -629,7 +629,10 @@ def test_convert_tool_writes_a_checkpoint_that_loads_identically(tmp_path, sourc
     assert "transposed" in printed and "dropped 8 pretraining heads (cls.*)" in printed
     model = tiny_model(seed=2)
     report = load_pretrained(model, out, log=lambda *_: None)
-    assert report.source == "paddle" and report.dropped == {} and report.transposed == []
+    # the converted file keeps the checkpoint's other task heads (beta's vil_prediction, vil_logit) for the
+    # tasks that use them; the referring-expression model drops them
+    assert report.source == "paddle" and set(report.dropped) == {"other tasks' heads"} and report.transposed == []
+    assert {key.split(".")[0] for key in report.dropped["other tasks' heads"]} == {"vil_prediction", "vil_logit"}
     assert_same_weights(model, source_model)
 
 
@@ -645,3 +648,19 @@ def test_training_state_reads_back_without_paddle_load(tmp_path):
     save_checkpoint(model.state_dict(), tmp_path / "best.pdparams")
     with pytest.raises(CheckpointError, match="best.pdparams: not a resumable checkpoint of train.py"):
         read_training_state(tmp_path / "best.pdparams")
+
+
+def test_conversion_keeps_the_task_heads_the_checkpoint_holds(tmp_path, capsys):
+    """A VQA checkpoint converts with its vil_prediction (family and width as held), a REC one with vision_logit."""
+    config_file = Path(__file__).parent / "data" / "vilbert_test.json"
+    config = ViLBertConfig.from_json(config_file)
+    for kwargs in ({"heads": ("vil_prediction", "vil_logit"), "num_labels": 5, "classifier": "12in1"},
+                   {"heads": ("vision_logit",)}):
+        paddle.seed(0)
+        model = VILBertForVLTasks(config, **kwargs)
+        src = save_checkpoint(model.state_dict(), tmp_path / f"{kwargs['heads'][0]}.pdparams")
+        out = convert_main([str(src), str(tmp_path / "out" / src.name), "--config_file", str(config_file)])
+        converted = read_state_dict(out)
+        assert converted.keys() == model.state_dict().keys()
+        for name, value in model.state_dict().items():
+            np.testing.assert_array_equal(converted[name], value.numpy())

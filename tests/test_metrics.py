@@ -1,9 +1,9 @@
-"""The official REC loss and score on hand-worked examples (model_spec.md §6)."""
+"""The official REC and VQA losses and scores on hand-worked examples (model_spec.md §6, tasks_spec.md §1.4)."""
 import numpy as np
 import paddle
 import pytest
 
-from vilbert.metrics import rec_loss, rec_select
+from vilbert.metrics import rec_loss, rec_select, vqa_loss, vqa_score
 
 # 2 expressions x 3 regions, shaped [B, R, 1] like the model's vision_logit.
 # sample 0: region 2 is padding (logit -1e4); region 0 wins with IoU 0.6 -> correct
@@ -73,3 +73,20 @@ def test_shapes_are_checked(fn):
         fn(paddle.to_tensor(LOGITS), paddle.to_tensor(TARGET))
     with pytest.raises(ValueError, match=r'\[batch, regions, 1\]'):
         fn(_tensor(LOGITS), _tensor([row[:2] for row in TARGET]))
+
+
+# VQA: the same 2 x 3 numbers as answer logits [B, num_labels] against soft targets
+def test_vqa_loss_is_the_rec_sum_over_answers():
+    logits, target = np.array(LOGITS, np.float32), np.array(TARGET, np.float32)
+    loss = vqa_loss(paddle.to_tensor(logits), paddle.to_tensor(target))
+    # BCEWithLogits mean over the 2 x 3 entries, times 3 answers: the hand-worked sum above over 2 questions
+    assert loss.shape == [] and float(loss) == pytest.approx(2.1698728736, rel=1e-6)
+
+
+def test_vqa_score_is_the_target_of_the_argmax_answer():
+    logits = paddle.to_tensor(np.array([[0.1, 3.0, 2.0], [5.0, 5.0, -1.0]], np.float32))
+    target = paddle.to_tensor(np.array([[1.0, 0.3, 0.9], [0.6, 1.0, 0.0]], np.float32))
+    # question 0 picks answer 1 (score 0.3, though answer 0 was worth 1); question 1 ties and takes answer 0
+    np.testing.assert_allclose(vqa_score(logits, target).numpy(), [0.3, 0.6])
+    with pytest.raises(ValueError, match="vil_prediction and target must both be"):
+        vqa_score(logits, target[:, :2])

@@ -522,16 +522,30 @@ def _vil_prediction_conflict(state: dict, target_shapes: dict) -> str:
     return ""
 
 
+def heads_of(state: dict, head_names) -> dict:
+    """The `VILBertForVLTasks` head arguments (heads, classifier, num_labels) that keep every task head of
+    `state` among `head_names` (the model's): what a converted checkpoint keeps. None for a pretraining one."""
+    kwargs = {"heads": tuple(head for head in head_names if any(key.startswith(head + ".") for key in state))}
+    family = _classifier_of(state)
+    if family:
+        kwargs.update(classifier=family, num_labels=int(state[CLASSIFIER_KEYS[family][2]].shape[0]))
+    return kwargs
+
+
 # ----------------------------------------------------------------------------------------------------
 # Loading into a model, saving
 
 
-def convert_checkpoint(path, target_shapes: dict, *, allow_fresh_heads: bool = True):
-    """Reads and converts a checkpoint for a model of `target_shapes`; returns (converted, LoadReport).
+def convert_checkpoint(path, target_shapes, *, allow_fresh_heads: bool = True):
+    """Reads and converts a checkpoint for a model of `target_shapes` (a dict, or a function of the checkpoint's
+    state dict returning one: the model to convert for can depend on the heads the file holds); returns
+    (converted, LoadReport).
 
     Raises FileNotFoundError for a missing file and one CheckpointError listing every key that does not fit.
     """
     checkpoint = read_checkpoint(path)
+    if callable(target_shapes):
+        target_shapes = target_shapes(checkpoint.state)
     converted, report = convert_state_dict(checkpoint.state, target_shapes, checkpoint.source,
                                            allow_fresh_heads=allow_fresh_heads)
     report.container = checkpoint.container

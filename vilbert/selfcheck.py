@@ -356,7 +356,8 @@ class SelfCheck:
 
         paddle.set_device("cpu")
         lines = []
-        model = VILBertForVLTasks(ViLBertConfig.from_json(self.options.config_file))
+        model = VILBertForVLTasks(ViLBertConfig.from_json(self.options.config_file),
+                                  **get_task(self.options.task).model_heads(self.options))
         report = load_pretrained(model, self.options.from_pretrained, log=lines.append)
         return "PASS", f"{self.options.from_pretrained}: {report.container}; " + " ".join(lines)[:300]
 
