@@ -76,11 +76,12 @@ def autocast(amp: str):
     return paddle.amp.auto_cast(enable=amp != "off", dtype="bfloat16" if amp == "bf16" else "float16", level="O1")
 
 
-def forward(model, batch: Dict[str, paddle.Tensor], task, amp: str = "off", task_ids=None):
+def forward(model, batch: Dict[str, paddle.Tensor], task, amp: str = "off", task_id: int = 0):
     """Runs the model on a batch; returns (the task's loss, the output it reads, in float32)."""
+    inputs = task.model_inputs(batch)
     with autocast(amp):
-        output = model(*(batch[k] for k in MODEL_INPUTS), task_ids=task_ids)
-    logit = getattr(output, task.output).astype("float32")
+        output = model(*(inputs[k] for k in MODEL_INPUTS), task_ids=task_ids_for(inputs, task_id, model))
+    logit = task.logit(output, batch)
     return task.loss(logit, batch), logit
 
 
@@ -103,7 +104,7 @@ def train_one_epoch(model, loader, optimizer, *, task, epoch: int, amp: str = "o
         last_micro = (step + 1) % accumulation == 0 or step + 1 == len(loader)
         sync = model.no_sync() if hasattr(model, "no_sync") and not last_micro else nullcontext()
         with sync:
-            loss, logit = forward(model, batch, task, amp, task_ids_for(batch, task_id, model))
+            loss, logit = forward(model, batch, task, amp, task_id)
             loss_value = float(loss)
             if not math.isfinite(loss_value):
                 raise NonFiniteLossError(
@@ -151,7 +152,7 @@ def evaluate(model, loader, *, task, amp: str = "off", task_id: int = 0, show_pr
     predictions, loss_sum = [], 0.0
     for batch in progress(loader, desc, enabled=show_progress):
         batch = prepare(batch)
-        loss, logit = forward(model, batch, task, amp, task_ids_for(batch, task_id, model))
+        loss, logit = forward(model, batch, task, amp, task_id)
         batch_predictions = task.predictions(logit, batch, loader.dataset)
         loss_sum += float(loss) * len(batch_predictions)
         predictions += batch_predictions

@@ -55,6 +55,15 @@ class Task:
         raise NotImplementedError
 
     # ---- training and evaluation --------------------------------------------------------------------------
+    def model_inputs(self, batch: dict) -> dict:
+        """The batch as the model takes it. Tasks with several texts or images per sample (VCR's 4 choices,
+        retrieval's 4 pairs) flatten them into the batch here, as the official code's `expand` / `view` do."""
+        return batch
+
+    def logit(self, output, batch):
+        """The model output the loss and score read, in float32 (a multiple-choice task regroups it per sample)."""
+        return getattr(output, self.output).astype("float32")
+
     def loss(self, logit, batch):
         raise NotImplementedError
 
