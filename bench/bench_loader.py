@@ -202,10 +202,10 @@ def main(argv=None) -> None:
 
     print(f"\nLoaders at config/{config.name} (batch {options.batch_size}, eval batch {options.eval_batch_size}, "
           f"up to {options.max_region_num} regions), one process, best of {args.rounds} rounds")
-    print(f"{'loader':<23}{'split':<7}{'features':<12}{'workers':>8}{'samples/s':>11}{'ms/batch':>10}"
+    print(f"{'loader':<23}{'split':<10}{'features':<12}{'workers':>8}{'samples/s':>11}{'ms/batch':>10}"
           f"{'MB/batch':>10}{'memcpy ms':>11}{'ratio':>7}")
     for (name, split, features, workers), (rate, seconds, nbytes, copy) in rows.items():
-        print(f"{name:<23}{split:<7}{features:<12}{workers:>8}{rate:>11,.0f}{seconds * 1e3:>10.1f}"
+        print(f"{name:<23}{split:<10}{features:<12}{workers:>8}{rate:>11,.0f}{seconds * 1e3:>10.1f}"
               f"{nbytes / 1e6:>10.0f}{copy * 1e3:>11.2f}{seconds / copy:>7.1f}")
 
 
