@@ -5,7 +5,7 @@ chosen box IoU > 0.5, and the upper bound) or VQA 2.0 (soft score, official VQA 
   python eval.py --from_pretrained save/refcoco+_bert_base_6layer_6conect-pretrained/pytorch_model_19.bin
   python eval.py --demo --from_pretrained checkpoints/demo/best.pdparams
   python eval.py --task_config config/refcocog.yml --from_pretrained multi_task_model.bin --split all  # 12-in-1
-  python eval.py --task vqa --from_pretrained save/VQA_bert_base_6layer_6conect-pretrained/pytorch_model_19.bin
+  python eval.py --task vqa --from_pretrained checkpoints/VQA_bert_base_6layer_6conect-pretrained/pytorch_model_19.bin
   python eval.py --task vqa --from_pretrained CKPT --split test    # the EvalAI results file of test2015
   python eval.py --demo --task vqa --from_pretrained checkpoints/demo_vqa/best.pdparams
 
