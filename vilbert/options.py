@@ -86,7 +86,7 @@ class RunOptions:
     resume: str = ""  # a run's last.pdparams, or 'auto' to continue <output_dir>/<save_name> if it exists
 
     def validate(self) -> None:
-        from .tasks import TASKS  # the tasks import the datasets, which need these options
+        from .tasks import TASKS  # here, not at the top: the tasks import this module
 
         if self.task not in TASKS:
             raise OptionsError(f"task={self.task!r} must be one of {', '.join(TASKS)}")
@@ -175,7 +175,7 @@ def parse_options(parser: argparse.ArgumentParser, argv=None, config_beside_chec
     With `config_beside_checkpoint`, a `config.yaml` next to `--from_pretrained` (a run directory of ours)
     is the YAML unless `--task_config` is given, so a checkpoint is evaluated with the options it was trained with.
     """
-    from .tasks import TASKS
+    from .tasks import TASKS  # here, not at the top: the tasks import this module
 
     args = parser.parse_args(argv)
     if args.task is not None and args.task not in TASKS:

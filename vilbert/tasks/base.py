@@ -5,6 +5,8 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
+from ..options import OptionsError
+
 
 class Task:
     """One fine-tuning task. Subclasses set the attributes and implement the methods that raise here.
@@ -89,8 +91,6 @@ class Task:
 
     def draw(self, model, dataset, tokenizer, options, count: int, folder: Path) -> None:
         """eval.py --draw: pictures of the first `count` samples."""
-        from ..options import OptionsError
-
         raise OptionsError(f"--draw draws the boxes of referring expressions; {self.title} has none to draw")
 
     def write_results(self, predictions: List[dict], dataset, stem: Path, options) -> List[Path]:

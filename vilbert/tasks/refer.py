@@ -14,10 +14,13 @@ import numpy as np
 from pyutils.refer.refer import SPLITS_BY
 
 from ..dataset import ReferExpressionDataset, tokenize_expression
+from ..demo_data import make_demo_dataset
+from ..engine import score_regions
 from ..features import open_features
 from ..fileio import atomic_write
 from ..metrics import rec_loss, rec_select
 from ..refer_datasets import DATASETS, UnknownSplitError, check_split
+from ..visualize import draw_prediction
 from .base import Task
 
 
@@ -73,8 +76,6 @@ class ReferTask(Task):
         return f"--dataset {options.dataset}"
 
     def make_demo_data(self, options) -> None:
-        from ..demo_data import make_demo_dataset
-
         make_demo_dataset(options.dataroot, dataset=options.dataset)
 
     def loss(self, logit, batch):
@@ -107,9 +108,6 @@ class ReferTask(Task):
 
     def draw(self, model, dataset, tokenizer, options, count: int, folder: Path) -> None:
         """The first `count` expressions: chosen box green, runners-up orange, referred box dashed red."""
-        from ..engine import score_regions
-        from ..visualize import draw_prediction
-
         folder.mkdir(exist_ok=True)
         for entry in dataset.entries[:count]:
             regions = dataset.det_features[entry["image_id"]]
@@ -130,8 +128,6 @@ class ReferTask(Task):
 
     def show_prediction(self, line: dict, regions, args) -> None:
         """Prints the chosen region and the runners-up, and draws them (on --image when given)."""
-        from ..visualize import draw_prediction
-
         print(f'"{line["expression"]}" in image {line["image_id"]}: region {line["region"]}, box (x1, y1, x2, y2) = '
               f"{line['box']}, score {line['score']:.3f}")
         for rank, candidate in enumerate(line["top_k"], 1):

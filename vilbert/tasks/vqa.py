@@ -19,7 +19,9 @@ from .. import vqa_data
 from ..features import open_features
 from ..fileio import atomic_write
 from ..metrics import vqa_loss, vqa_score
+from ..vqa_answers import read_annotations, vqa_accuracy
 from ..vqa_dataset import VQADataset
+from ..vqa_demo_data import COMPLETE_MARKER, make_vqa_demo
 from .base import Task, top_k
 
 TOP_K = 8  # answers kept per question: beta's `<split>_others.json` holds the top 8
@@ -73,16 +75,12 @@ class VQATask(Task):
                 "classifier": options.classifier}
 
     def data_marker(self, options) -> Path:
-        from ..vqa_demo_data import COMPLETE_MARKER
-
         return Path(options.dataroot, COMPLETE_MARKER)
 
     def download_args(self, options) -> str:
         return "--task vqa"
 
     def make_demo_data(self, options) -> None:
-        from ..vqa_demo_data import make_vqa_demo
-
         make_vqa_demo(Path(options.dataroot).parent)
 
     def loss(self, logit, batch):
@@ -115,8 +113,6 @@ class VQATask(Task):
     def official_metrics(self, predictions: List[dict], dataset) -> Dict[str, float]:
         """vqa_accuracy, the official VQA accuracy (vqaEval.py: min(#humans/3, 1) over the 10 leave-one-out
         subsets, answers normalised), when the human answers of every part of the split are on disk."""
-        from ..vqa_answers import read_annotations, vqa_accuracy
-
         parts = [part for part, _ in vqa_data.SPLIT_PARTS[dataset.split]]
         paths = [Path(dataset.dataroot, vqa_data.ANNOTATION_FILES[p]) for p in parts if p in vqa_data.ANNOTATION_FILES]
         if len(paths) != len(parts) or not all(path.is_file() for path in paths):
