@@ -1,15 +1,22 @@
 """selfcheck.py: its table and exit status on this machine, a failing data root, and its GPU branches forced onto
 the CPU (the GPU itself is tests/test_gpu.py's)."""
 
+import re
 from types import SimpleNamespace
 
 import paddle
 import pytest
 
 import selfcheck
-from training_support import DEMO_TASK, make_tiny_root
+from training_support import DEMO_TASK, PROJECT, TEST_MODEL, make_tiny_root
+from vilbert.checkpoint import save_checkpoint
+from vilbert.config import ViLBertConfig
+from vilbert.model import VILBertForVLTasks
 from vilbert.options import RunOptions, load_task_config
 from vilbert.selfcheck import SelfCheck
+from vilbert.tasks import get_task
+
+DEMO_VQA = PROJECT / "config" / "demo_vqa.yml"
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +39,21 @@ def test_a_ready_machine_passes_with_a_table(root, capsys):
     assert status == {"paddle": "PASS", "parity": "PASS", "optimizer": "PASS", "amp": "PASS", "launch": "SKIP",
                       "step": "INFO", "repeatable": "SKIP", "data": "PASS", "loader": "PASS",
                       "checkpoint": "SKIP"}
+
+
+def test_a_vqa_run_checks_its_data_loader_and_checkpoint(vqa_root, tmp_path, capsys):
+    """The VQA task's data audit, its loader's batches against collate, and a checkpoint with its answer head."""
+    paddle.seed(0)
+    heads = get_task("vqa").model_heads(RunOptions(**{**load_task_config(DEMO_VQA), "dataroot": str(vqa_root)}))
+    model = VILBertForVLTasks(ViLBertConfig.from_json(TEST_MODEL), **heads)
+    weights = save_checkpoint(model.state_dict(), tmp_path / "vqa.pdparams")
+    with pytest.raises(SystemExit) as exit_info:
+        selfcheck.main(["--task_config", str(DEMO_VQA), "--quick", "--device", "cpu", "--dataroot", str(vqa_root),
+                        "--config_file", str(TEST_MODEL), "--from_pretrained", str(weights)])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and out.rstrip().endswith("PASS: ready"), out
+    for check in ("data", "loader", "checkpoint"):
+        assert re.search(rf"^{check} +PASS", out, re.M), check
 
 
 def test_a_missing_data_root_and_checkpoint_fail_with_status_1(tmp_path, capsys):

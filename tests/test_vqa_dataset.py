@@ -105,7 +105,7 @@ def test_soft_targets_and_regions(root, tokenizer):
     assert data.entries[1]["answers"] == {"red": pytest.approx(0.9), "dog": pytest.approx(0.3)}
     # image 1: the whole-image row + 3 boxes; image 2: 101 rows cut to 100 (beta), 101 with 12-in-1's 101
     assert data[0]["features"].shape == (4, 2048) and data[2]["features"].shape == (100, 2048)
-    reader = data.features
+    reader = data.det_features
     np.testing.assert_array_equal(data[2]["features"], reader[2].features[:100])
     assert dataset(root, "val", tokenizer, max_region_num=101)[0]["features"].shape == (101, 2048)
     assert (dataset(root, "test", tokenizer)[0]["target"] == 0).all()

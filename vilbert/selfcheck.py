@@ -190,7 +190,7 @@ def loader_check(options: RunOptions, device: str, compared: int = LOADER_BATCHE
     loader = eval_loader(val, options)
     differing = set()
     for _, batch, indices in zip(range(compared), loader, loader.batch_sampler):
-        plain = prepare({k: paddle.to_tensor(v) for k, v in collate([val[i] for i in indices]).items()})
+        plain = prepare({k: paddle.to_tensor(v) for k, v in collate([val[i] for i in indices], val.region_keys).items()})
         batch = prepare(batch)
         differing.update(key for key in plain if key not in batch or batch[key].shape != plain[key].shape
                          or not np.array_equal(batch[key].numpy(), plain[key].numpy()))

@@ -32,12 +32,12 @@ _ENTRY_ARRAYS = ("question", "question_id", "image_id", "input_ids", "length", "
 
 
 class VQADataset(paddle.io.Dataset):
-    """Samples of one split. `features` is a reader from `vilbert.features.open_features` of the split's region
+    """Samples of one split. `det_features` is a reader from `vilbert.features.open_features` of the split's region
     LMDB (trainval for train/val splits, test2015 for test). `self[i]`: features [n, 2048], spatials [n, 5],
     boxes [n, 4], image_mask [n]; input_ids / input_mask / segment_ids [L]; target [num_labels] float32;
     question_id / image_id."""
 
-    def __init__(self, dataroot, split: str, tokenizer: BertTokenizer, features: FeatureReader, *,
+    def __init__(self, dataroot, split: str, tokenizer: BertTokenizer, det_features: FeatureReader, *,
                  max_seq_length: int = 16, max_region_num: int = 100, tokenization: str = "beta", cache_dir=None):
         check_tokenization(tokenization)
         vqa_data.check_split(split)
@@ -46,7 +46,7 @@ class VQADataset(paddle.io.Dataset):
                              f"{max_region_num}")
         self.dataroot, self.split = str(dataroot), split
         self.max_seq_length, self.max_region_num, self.tokenization = max_seq_length, max_region_num, tokenization
-        self.features = features
+        self.det_features = det_features  # the detected boxes, named as ReferExpressionDataset names them
         self.ans2label, self.label2ans = vqa_data.read_answer_vocab(dataroot)
         self.num_labels = len(self.label2ans)
         self.cache = self._cache(tokenizer, cache_dir)
@@ -99,13 +99,13 @@ class VQADataset(paddle.io.Dataset):
 
     def _check_features(self) -> None:
         image_ids = np.unique(self._image_id).tolist()
-        missing = [image_id for image_id in image_ids if image_id not in self.features]
+        missing = [image_id for image_id in image_ids if image_id not in self.det_features]
         if missing:
             shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
             which = "test2015 (--features_test)" if self.split == "test" else "train2014 + val2014 (--features_h5path1)"
             raise vqa_data.VQADataError(
                 f"{len(missing)} of the {len(image_ids)} images of VQA split {self.split!r} are missing from the "
-                f"features {self.features.path} (image ids {shown}); the split needs the COCO {which} LMDB")
+                f"features {self.det_features.path} (image ids {shown}); the split needs the COCO {which} LMDB")
 
     @functools.cached_property
     def entries(self) -> List[dict]:
@@ -144,7 +144,7 @@ class VQADataset(paddle.io.Dataset):
         indices = np.asarray(indices, np.int64)
         samples = []
         for image_id in self._image_id[indices].tolist():
-            regions = self.features[image_id]
+            regions = self.det_features[image_id]
             samples.append([(regions, 0, min(regions.num_boxes, self.max_region_num))])
         out, real = region_rows(samples, empty)
         out["target"] = empty((len(indices), self.num_labels), np.float32)
