@@ -17,9 +17,10 @@
 # features for RefCOCO or RefCOCOg: their only source is 12-in-1's datasets.tar.gz, one archive of all its
 # downstream datasets; it is downloaded once (its size is printed first), kept for the other datasets, and
 # only the dataset asked for is extracted. Interrupted downloads resume (FILE.part), an HTML page served
-# instead of a file is refused, and every file is opened at the end to confirm it reads. The pretrained
-# checkpoints are printed at the end, not fetched: vilbert_beta's are on Google Drive, which cannot be scripted
-# reliably; 12-in-1's are direct links.
+# instead of a file is refused, and every file is opened at the end to confirm it reads. A host that cannot be
+# reached at all (no DNS answer, connection refused) stops the run at once, in one line: without a network, serve
+# the files with --mirror or copy them in by hand. The pretrained checkpoints are printed at the end, not
+# fetched: vilbert_beta's are on Google Drive, which cannot be scripted reliably; 12-in-1's are direct links.
 #
 # VQA 2.0: the questions and annotations are visualqa.org's zips, from its S3 bucket (bottom-up-attention-vqa's
 # tools/download.sh fetches the same names from visualqa.org/data/mscoco/vqa/). The answer caches
@@ -167,6 +168,7 @@ sys.path.insert(0, sys.argv[1])
 from pyutils.restricted_pickle import RestrictedUnpickler, feature_record_globals  # noqa: E402
 
 RECORD_GLOBALS = feature_record_globals()
+NO_DATA_MDB = "the folder is there, its data.mdb is not: a download that failed or has not finished"
 
 
 def loads(data):
@@ -260,7 +262,8 @@ def check_lmdb(path, need_ids, what):
 # there (the demo data uses vilbert_beta's names for all three datasets).
 families = ["beta", "12in1"] if dataset == "refcoco+" else ["12in1", "beta"]
 candidates = [table["feature_files"](dataset, family) for family in families]
-detected, gt = next((files for files in candidates if os.path.isdir(os.path.join(root, files[0]))), candidates[0])
+detected, gt = next((files for files in candidates if os.path.isfile(os.path.join(root, files[0], "data.mdb"))),
+                    candidates[0])
 ENTRIES = [
     (f"{dataset}/refs({spec.splitBy}).p", f"pickled list of the {dataset} refs: ids, split, category, sentences"),
     (f"{dataset}/instances.json", "COCO images, annotations (boxes, polygons) and categories of those images"),
@@ -275,6 +278,10 @@ for relative, what in ENTRIES:
     print(f"  {relative + ('/' if relative.endswith('.lmdb') else ''):<61} {what}")
     if not os.path.exists(path):
         print(f"      MISSING  {path}")
+        problems += 1
+        continue
+    if relative.endswith(".lmdb") and not os.path.isfile(os.path.join(path, "data.mdb")):
+        print(f"      MISSING  {os.path.join(path, 'data.mdb')} ({NO_DATA_MDB})")
         problems += 1
         continue
     try:
@@ -323,7 +330,8 @@ SUBTYPES = {"train": "train2014", "val": "val2014", "test": "test2015"}
 FAMILIES = [("coco_trainval_resnet101_faster_rcnn_genome.lmdb", "coco_test_resnet101_faster_rcnn_genome.lmdb"),
             ("features_100/COCO_trainval_resnext152_faster_rcnn_genome.lmdb",
              "features_100/COCO_test_resnext152_faster_rcnn_genome.lmdb")]
-trainval_lmdb, test_lmdb = next((f for f in FAMILIES if os.path.isdir(os.path.join(coco, f[0]))), FAMILIES[0])
+trainval_lmdb, test_lmdb = next((f for f in FAMILIES if os.path.isfile(os.path.join(coco, f[0], "data.mdb"))),
+                                FAMILIES[0])
 questions, vocabulary = {}, {}  # what the entries before have read
 
 
@@ -410,6 +418,10 @@ for relative, what, check, part, required in ENTRIES:
         print(f"      MISSING  {path}" if required else "      absent   (optional: the official accuracy reads it)")
         bad += required
         continue
+    if relative.endswith(".lmdb") and not os.path.isfile(os.path.join(path, "data.mdb")):
+        print(f"      MISSING  {os.path.join(path, 'data.mdb')} ({NO_DATA_MDB})")
+        bad += 1
+        continue
     try:
         detail, problems = check(path, part)
     except DataErrors as error:
@@ -460,9 +472,39 @@ audit_features() {
 # Does the file start like an HTML page (a login, error or preview page instead of the file)?
 is_html() { head -c 1024 "$1" | tr 'A-Z' 'a-z' | grep -qE '<!doctype html|<html'; }
 
-# fetch URL DEST: download to DEST.part (resuming a previous attempt), refuse HTML, then move into place.
+# check_reachable URL: ends the run, in one line, when URL's host cannot be reached at all (no DNS answer,
+# connection refused: curl exit 6 / 7, wget exit 4): every other URL would fail the same way, after retries
+# (curl retries a failed DNS lookup 3 times, 1 + 2 + 4 s, per URL). Asked once per host, without retries.
+REACHABLE_HOSTS=" "
+check_reachable() {
+  local url=$1 host status=0
+  host=${url#*://}; host=${host%%/*}
+  case "$REACHABLE_HOSTS" in *" $host "*) return 0 ;; esac
+  if command -v curl >/dev/null 2>&1; then
+    curl --silent --head --max-time 30 --output /dev/null "$url" || status=$?
+    case "$status" in 6|7) status=unreachable ;; esac
+  else
+    wget --quiet --spider --tries 1 --timeout 30 "$url" || status=$?
+    case "$status" in 4) status=unreachable ;; esac
+  fi
+  if [ "$status" = unreachable ]; then
+    die "the network is unreachable: cannot connect to $host (no DNS answer or connection refused)." \
+      "Fetch the files on a machine with network access, then serve them here with --mirror URL (the layout is in" \
+      "--help) or copy them by hand to the paths --check lists, and run --check"
+  fi
+  REACHABLE_HOSTS="$REACHABLE_HOSTS$host "
+}
+
+# fetch URL DEST: download to DEST.part (resuming a previous attempt), refuse HTML, then move into place. DEST's
+# folder is made for the download and removed again if the download fails and leaves it empty: a failed run
+# leaves no empty LMDB folder behind for --check or train.py to take for a damaged one.
 fetch() {
-  local url=$1 dest=$2 part="$2.part" status=0
+  local url=$1 dest=$2 part="$2.part" status=0 made=
+  check_reachable "$url"
+  if [ ! -d "$(dirname "$dest")" ]; then
+    made=$(dirname "$dest")
+    mkdir -p "$made"
+  fi
   if command -v curl >/dev/null 2>&1; then
     curl --fail --location --retry 3 --continue-at - --output "$part" "$url" || status=$?
     if [ "$status" -eq 33 ]; then  # the server cannot resume: start over
@@ -476,6 +518,7 @@ fetch() {
   fi
   if [ "$status" -ne 0 ]; then
     echo "  download failed (exit $status): $url" >&2
+    if [ -n "$made" ]; then rmdir "$made" 2>/dev/null || true; fi  # kept when it holds DEST.part, to resume
     return 1
   fi
   if is_html "$part"; then
@@ -498,6 +541,7 @@ with zipfile.ZipFile(archive) as z:
     for name in ("refcoco+/instances.json", "refcoco+/refs(unc).p"):
         target = os.path.join(root, name)
         if not os.path.exists(target):
+            os.makedirs(os.path.dirname(target), exist_ok=True)
             with z.open(name) as src, open(target + ".part", "wb") as dst:
                 dst.write(src.read())
             os.replace(target + ".part", target)
@@ -602,7 +646,7 @@ PY
 
 # vilbert_beta's COCO features into $COCO_ROOT: from --mirror (URL/<lmdb>/data.mdb); else printed, since the
 # Dropbox folder vilbert_beta's data/README.md links has no link per file, and Dropbox does not zip a folder
-# this large for download (vilbert_beta issue #7: "download the file inside the folder"). 1 if any is missing.
+# this large for download (vilbert_beta's maintainers: "download the file inside the folder"). 1 if any is missing.
 fetch_coco_features() {
   local name dest url missing=()
   for name in "${COCO_LMDBS[@]}"; do
@@ -611,7 +655,6 @@ fetch_coco_features() {
       echo "= $dest: already present ($(du -h "$dest" | cut -f1)), skipped"
     elif [ -n "$MIRROR" ]; then
       url="${MIRROR%/}/$name/data.mdb"
-      mkdir -p "$COCO_ROOT/$name"
       echo "+ $dest <- $url (size: $(size_text "$(remote_size "$url")"))"
       fetch "$url" "$dest" || missing+=("$name")
     else
@@ -695,7 +738,6 @@ for entry in "${FILES[@]}"; do
   relative=${entry%%|*}
   link=${entry#*|}
   dest="$DATA_ROOT/$relative"
-  mkdir -p "$(dirname "$dest")"
   if [ -s "$dest" ] && ! is_html "$dest"; then
     echo "= $relative: already present ($(du -h "$dest" | cut -f1)), skipped"
     continue

@@ -2,7 +2,7 @@
 chosen box IoU > 0.5, and the upper bound) or VQA 2.0 (soft score, official VQA accuracy, EvalAI results file).
 
   python eval.py --from_pretrained checkpoints/refcoco+_bert_base_6layer_6conect/best.pdparams --split all
-  python eval.py --from_pretrained save/refcoco+_bert_base_6layer_6conect-pretrained/pytorch_model_19.bin
+  python eval.py --from_pretrained checkpoints/refcoco+_bert_base_6layer_6conect-pretrained/pytorch_model_19.bin
   python eval.py --demo --from_pretrained checkpoints/demo/best.pdparams
   python eval.py --task_config config/refcocog.yml --from_pretrained multi_task_model.bin --split all  # 12-in-1
   python eval.py --task vqa --from_pretrained checkpoints/VQA_bert_base_6layer_6conect-pretrained/pytorch_model_19.bin
@@ -31,7 +31,7 @@ from vilbert.training import (build_dataset, build_model, eval_loader, exit_on_u
 
 @exit_on_user_error()
 def main(argv=None):
-    parser = build_parser(__doc__)
+    parser = build_parser(__doc__, "eval")
     parser.add_argument("--split", default=None, help="a split name, or 'all' for the task's evaluation splits "
                         "(RefCOCO/RefCOCO+: val, testA, testB; RefCOCOg: val, test; VQA: minval); default: the "
                         "config's val_split")

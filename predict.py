@@ -11,13 +11,14 @@ question (VQA); one query from the flags, or a JSONL batch.
   python predict.py --from_pretrained CKPT --features mine.lmdb --batch queries.jsonl --out predictions.jsonl
 
 The regions are the image's boxes in the features LMDB: --features, else the task config's features_h5path1
-(as in evaluation). Referring expressions: without --image the boxes are drawn on a blank canvas of the image's
-size; --batch reads one {"image_id": ..., "expression": ...} per line and writes the same lines with the chosen
-region, its box (x1, y1, x2, y2 pixels), its score and the --top_k best. VQA: the top answers with their
-probabilities (answers of the data root's cache/trainval_label2ans.pkl); --batch reads {"image_id": ...,
-"question": ...} lines and writes them with the answer, its probability and the --top_k best. A warning says
-when the features do not look like the ones the checkpoint was trained on (`feature_extractor` of the task
-config; README, "Your own images").
+(as in evaluation). Referring expressions: the picture (boxes drawn on --image, else on a blank canvas of the
+image's size) is written to --out, by default prediction_<image_id>.png beside the checkpoint (as eval.py writes
+its files); --batch reads one {"image_id": ..., "expression": ...} per line and writes the same lines with the
+chosen region, its box (x1, y1, x2, y2 pixels), its score and the --top_k best, to --out (default:
+<JSONL>.predictions.jsonl). VQA: the top answers with their probabilities (answers of the data root's
+cache/trainval_label2ans.pkl); --batch reads {"image_id": ..., "question": ...} lines and writes them with the
+answer, its probability and the --top_k best. A warning says when the features do not look like the ones the
+checkpoint was trained on (`feature_extractor` of the task config; README, "Your own images").
 """
 
 import json
@@ -52,7 +53,8 @@ def read_queries(path, parser, field: str) -> list:
             except ValueError as err:
                 parser.error(f"{path} line {number} is not JSON ({err})")
             if not isinstance(query, dict) or not {"image_id", field} <= set(query):
-                parser.error(f'{path} line {number}: expected {{"image_id": ..., "{field}": "..."}}, got {line.strip()[:80]}')
+                parser.error(f'{path} line {number}: expected {{"image_id": ..., "{field}": "..."}}, '
+                             f'got {line.strip()[:80]}')
             if not str(query["image_id"]).isdigit():
                 parser.error(f"{path} line {number}: image_id {query['image_id']!r} is not an integer")
             queries.append(dict(query, image_id=int(query["image_id"])))
@@ -63,18 +65,21 @@ def read_queries(path, parser, field: str) -> list:
 
 @exit_on_user_error()
 def main(argv=None):
-    parser = build_parser(__doc__)
-    parser.add_argument("--features", default=None,
+    parser = build_parser(__doc__, "predict")
+    parser.add_argument("--features", default=None, metavar="LMDB",
                         help="region-feature LMDB folder (default: the task config's features_h5path1)")
-    parser.add_argument("--image_id", type=int, help="image id (must be in the features)")
-    parser.add_argument("--expression", help="the referring expression (referring-expression checkpoints)")
-    parser.add_argument("--question", help="the question (VQA checkpoints)")
+    parser.add_argument("--image_id", type=int, metavar="N", help="image id (must be in the features)")
+    parser.add_argument("--expression", metavar="TEXT",
+                        help="the referring expression (referring-expression checkpoints)")
+    parser.add_argument("--question", metavar="TEXT", help="the question (VQA checkpoints)")
     parser.add_argument("--batch", metavar="JSONL", help='queries, one {"image_id": ..., "expression": ...} (VQA: '
                         '"question") per line')
-    parser.add_argument("--image", default=None, help="the photo to draw the boxes on (JPEG, PNG)")
-    parser.add_argument("--out", default=None, help="picture to write (default: prediction_<image_id>.png); with "
-                        "--batch, the predictions JSONL (default: <JSONL>.predictions.jsonl)")
-    parser.add_argument("--top_k", type=int, default=3, help="candidates (regions, answers) to list and draw")
+    parser.add_argument("--image", default=None, metavar="PHOTO", help="the photo to draw the boxes on (JPEG, PNG)")
+    parser.add_argument("--out", default=None, metavar="FILE", help="picture to write (default: "
+                        "prediction_<image_id>.png beside the checkpoint); with --batch, the predictions JSONL "
+                        "(default: <JSONL>.predictions.jsonl)")
+    parser.add_argument("--top_k", type=int, default=3, metavar="K",
+                        help="candidates (regions, answers) to list and draw")
     options, args = parse_options(parser, argv, config_beside_checkpoint=True)
     if not options.from_pretrained:
         parser.error("--from_pretrained CKPT is required")
@@ -89,8 +94,12 @@ def main(argv=None):
                      f"--{field} and --image")
     if not args.batch and (args.image_id is None or text is None):
         parser.error(f"give --image_id and --{field}, or --batch JSONL")
-    if args.image and not os.path.isfile(args.image):
-        parser.error(f"--image {args.image} not found")
+    if args.image and not os.path.isfile(args.image):  # one line, like every missing file: no usage dump
+        raise FileNotFoundError(f"--image {args.image} not found; give the photo the features were extracted from "
+                                f"(JPEG, PNG), or leave --image out to draw on a blank canvas")
+    if args.batch and not os.path.isfile(args.batch):
+        raise FileNotFoundError(f'--batch {args.batch} not found; give a JSONL file of {{"image_id": ..., "{field}": '
+                                f'"..."}} lines')
     setup_device(options)
     options = localize_paths(options)
     features_path = localize(args.features) if args.features else options.data_path(options.features_h5path1)
@@ -132,6 +141,8 @@ def main(argv=None):
               f"({len(queries) / seconds:.0f} {field}s/s, batches of up to {options.eval_batch_size}, model "
               f"loading not counted); wrote {out}")
         return
+    if not args.out:  # beside the checkpoint, as eval.py writes its files: not into the working directory
+        args.out = os.path.join(os.path.dirname(options.from_pretrained), f"prediction_{args.image_id}.png")
     task.show_prediction(lines[0], regions[args.image_id], args)
 
 

@@ -43,7 +43,7 @@ def ensure_demo_data(options) -> None:
 
 @exit_on_user_error()
 def main(argv=None):
-    options, args = parse_options(build_parser(__doc__), argv)
+    options, args = parse_options(build_parser(__doc__, "train"), argv)
     if args.demo:
         ensure_demo_data(options)
     fit(options)

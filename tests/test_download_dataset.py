@@ -328,3 +328,46 @@ def test_vqa_download_says_where_the_coco_features_come_from(vqa_root, tmp_path)
     for name in COCO_LMDBS:
         assert f"{tmp_path / 'data' / 'coco' / name / 'data.mdb'}\n" in result.stdout
     assert "features_100/COCO_trainval_resnext152_faster_rcnn_genome.lmdb/data.mdb" in result.stdout
+
+
+def test_check_reports_an_lmdb_folder_without_data_mdb_as_missing(tmp_path, demo_root):
+    """What a failed download used to leave: the folder, no data.mdb in it (here a lock.mdb and a .part)."""
+    root = tmp_path / "root"
+    shutil.copytree(demo_root, root)
+    det = root / "refcoco+_resnet101_faster_rcnn_genome.lmdb"
+    (det / "data.mdb").rename(det / "data.mdb.part")
+    result = run("--check", "--dataroot", str(root))
+    assert result.returncode == 1
+    assert f"MISSING  {det / 'data.mdb'} (the folder is there, its data.mdb is not" in result.stdout
+    assert "UNREADABLE" not in result.stdout and "1 of 4 missing or unreadable" in result.stdout
+
+
+@needs_downloader
+def test_a_failed_download_leaves_no_empty_lmdb_folder(mirror, demo_root, tmp_path):
+    served, url = mirror
+    shutil.copytree(demo_root / "refcoco+", served / "refcoco+")  # the annotations only: the LMDBs are 404
+    target = tmp_path / "data"
+    result = run("--dataroot", str(target), "--mirror", url)
+    assert result.returncode == 1 and "download failed" in result.stderr
+    assert sorted(p.name for p in target.iterdir()) == ["refcoco+"]
+    assert result.stdout.count("      MISSING  ") == 2 and "UNREADABLE" not in result.stdout
+
+
+@needs_downloader
+@pytest.mark.parametrize("task", ["refer", "vqa"])
+def test_an_unreachable_network_fails_at_once_in_one_line(tmp_path, task):
+    """Connection refused (a closed loopback port): one line naming the way out, not every URL retried."""
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    target = tmp_path / "data" / ("VQA" if task == "vqa" else "refer")
+    result = run("--task", task, "--dataroot", str(target), "--mirror", f"http://127.0.0.1:{port}")
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR")]
+    assert errors == [line for line in result.stderr.splitlines() if line.strip() and "curl" not in line]
+    assert len(errors) == 1 and "the network is unreachable" in errors[0] and "--mirror URL" in errors[0]
+    assert "copy them by hand" in errors[0] and "download failed" not in result.stderr
+    assert result.stdout.count("<-") == 1  # the first URL only
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".lmdb")]

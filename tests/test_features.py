@@ -346,3 +346,17 @@ def test_building_off_reads_the_lmdb(two_layouts):
     assert isinstance(open_features(path, build=False), ImageFeaturesReader)
     assert isinstance(open_features(path, cache=False, build=True), ImageFeaturesReader)
     assert not default_cache_path(path).exists()
+
+
+@pytest.mark.parametrize("make", ["empty folder", "no folder", "junk data.mdb"])
+def test_a_folder_that_is_no_lmdb_fails_before_any_cache_is_announced(tmp_path, capsys, make):
+    """A failed download leaves such folders: the one error comes first, no "Building ..." line, no lock file."""
+    path = tmp_path / DET
+    if make != "no folder":
+        path.mkdir()
+    if make == "junk data.mdb":
+        (path / "data.mdb").write_bytes(b"<html>Dropbox</html>" * 300)
+    with pytest.raises((FeaturesError, FileNotFoundError), match="bash download_dataset.sh"):
+        open_features(path, build=True)
+    assert capsys.readouterr().out == ""
+    assert sorted(p.name for p in tmp_path.rglob("*") if p != path and p.parent != path) == []

@@ -140,7 +140,7 @@ def _replay(ref):
 
 
 def test_reference_spans_beta_schedule(ref):
-    """The record covers warm-up, its end and both milestones at beta's learning rates (issue 11)."""
+    """The record covers warm-up, its end and both milestones at beta's learning rates."""
     rates = ref['show_lr']
     epochs = np.arange(len(rates)) // int(ref['steps_per_epoch'])
     assert len(rates) >= 100 and rates[0] == 0.0 and float(ref['base_lr']) == 4e-5
@@ -155,7 +155,7 @@ def test_bertadam_matches_official_beta_bertadam(ref):
     print(f"max |ours - beta| over {len(ref['show_lr'])} steps: decayed tensors {worst[decayed].max():.2e}, "
           f"others {worst[~decayed].max():.2e}")
     for name, diff in zip(names, worst):
-        assert diff <= 1e-7, f'{name} drifted {diff:.2e} from beta'  # issue 11 asks <= 1e-6
+        assert diff <= 1e-7, f'{name} drifted {diff:.2e} from beta'  # the bar: <= 1e-6
     state = optimizer.state_dict()['state']
     for i, name in enumerate(names):
         if int(ref[f'step_{i}']) == 0:
@@ -235,7 +235,7 @@ def test_set_state_dict_rejects_foreign_state(ref):
 
 
 def test_set_state_dict_reads_the_scaled_moments_of_earlier_versions(ref):
-    """Before issue 11 the fused kernel kept beta's moments times (1 - float32(beta)) / (1 - beta), saved with
+    """Before this optimizer, the fused kernel kept beta's moments times (1 - float32(beta)) / (1 - beta), saved with
     those factors as ``moment_scales``: a resume from such a state continues with beta's moments."""
     _, params, _, optimizer = _setup(ref)
     _apply(ref, params, optimizer, 0)

@@ -79,6 +79,9 @@ def fake_gpu(monkeypatch):
     return flags
 
 
+# the fake GPU runs the amp steps on the CPU, where Paddle says they do nothing
+@pytest.mark.filterwarnings("ignore:amp_guard can only be enabled:UserWarning",
+                            "ignore:AmpScaler can only be enabled:UserWarning")
 def test_gpu_branches(fake_gpu, root):
     options = RunOptions(**{**load_task_config(DEMO_TASK), "dataroot": str(root), "amp": "fp16"})
     check = SelfCheck(options, quick=True, gpus=0, out=lambda *a: None)
@@ -127,3 +130,29 @@ def test_a_micro_batch_that_runs_out_of_memory_is_halved_until_it_fits(monkeypat
     optimizer = SimpleNamespace(clear_grad=lambda: None)
     fitted, _, _ = module.fit_micro_batch(SimpleNamespace(config=None), optimizer, 64, "off", gpu=False)
     assert fitted == 8
+
+
+def test_the_epoch_estimate_is_for_the_data_the_run_was_given(root, tmp_path):
+    from vilbert.training import build_dataset
+    from vilbert.tokenization import BertTokenizer
+
+    options = RunOptions(**{**load_task_config(DEMO_TASK), "dataroot": str(root)})
+    samples = len(build_dataset(options, "train", BertTokenizer(options.bert_model)))
+    status, detail = SelfCheck(options, quick=True, gpus=0, out=lambda *a: None).check_step()
+    assert status == "INFO" and detail.endswith(f"(epoch of the {samples:,} train samples in {root})")
+    assert re.search(r"epoch ~\d+ s on 1 device\(s\)", detail), detail  # seconds, not ~0 min
+    missing = RunOptions(**{**load_task_config(DEMO_TASK), "dataroot": str(tmp_path)})
+    detail = SelfCheck(missing, quick=True, gpus=0, out=lambda *a: None).check_step()[1]
+    assert "(epoch of the full refcoco+ train split, 120,191 expressions, assumed (no readable train data in " \
+           f"{tmp_path}: " in detail
+
+
+def test_the_amp_check_on_cpu_prints_no_paddle_amp_warnings(root):
+    import warnings
+
+    check = SelfCheck(RunOptions(**{**load_task_config(DEMO_TASK), "dataroot": str(root)}), quick=True, gpus=0,
+                      out=lambda *a: None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert check.check_amp()[0] == "PASS"
+    assert not [w for w in caught if "can only be enabled on CUDAPlace" in str(w.message)]

@@ -13,6 +13,7 @@ and ``paddle.amp.auto_cast`` does nothing on CPU, so ``train.py --amp bf16`` can
 what bf16 rounding does to the result, not Paddle's AMP machinery, which only a GPU exercises.
 """
 import argparse
+import builtins
 import contextlib
 import json
 import sys
@@ -21,6 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import vilbert  # noqa: E402,F401  (CPU threading defaults and Paddle's import-time warning filters, before paddle)
 import paddle  # noqa: E402
 
 import train  # noqa: E402
@@ -71,6 +73,27 @@ def bf16_matmuls():
         paddle.amp.auto_cast = real_auto_cast
 
 
+GAP_TOLERANCE = 1.0  # points of val accuracy bf16 may lose against float32
+
+
+@contextlib.contextmanager
+def without_cpu_amp_note():
+    """Leaves out train.py's "Note: --amp bf16 has no effect on CPU": true of Paddle's autocast, but here
+    ``bf16_matmuls`` does the bf16 rounding, so on this tool's bf16 run the note would say the opposite of what
+    happens."""
+    real_print = builtins.print
+
+    def print_(*args, **kwargs):
+        if not (args and str(args[0]).startswith("Note: --amp bf16 has no effect on CPU")):
+            real_print(*args, **kwargs)
+
+    builtins.print = print_
+    try:
+        yield
+    finally:
+        builtins.print = real_print
+
+
 def best_val_accuracy(run_dir: Path) -> tuple:
     epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     best = max(epochs, key=lambda epoch: epoch["val_accuracy"])
@@ -84,7 +107,7 @@ def main():
     results = {}
     for label, amp, numerics in (("float32", "off", contextlib.nullcontext), ("bf16 matmuls", "bf16", bf16_matmuls)):
         run_dir = Path(args.output_dir) / label.replace(" ", "_")
-        with numerics():
+        with numerics(), without_cpu_amp_note():
             train.main(["--demo", "--device", "cpu", "--amp", amp, "--output_dir", str(run_dir.parent),
                         "--save_name", run_dir.name, *train_flags])
         results[label] = best_val_accuracy(run_dir)
@@ -92,7 +115,8 @@ def main():
     for label, (accuracy, epoch) in results.items():
         print(f"{label:14s}  {accuracy:17.4f}  {epoch:8d}")
     gap = 100 * (results["float32"][0] - results["bf16 matmuls"][0])
-    print(f"float32 - bf16: {gap:+.2f} points (issue #3 asks for at most 1)")
+    verdict = "within" if gap <= GAP_TOLERANCE else "BEYOND"
+    print(f"float32 - bf16: {gap:+.2f} points, {verdict} the {GAP_TOLERANCE:g} point bf16 may lose against float32")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,14 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+try:
+    import torch  # noqa: F401  (the official model runs in PyTorch; the project itself never imports it)
+except ModuleNotFoundError:
+    sys.exit("tools/check_parity.py is a dev-only tool that needs PyTorch (pip install torch==2.13.0, CPU build): it "
+             "compares the official PyTorch ViLBERT with ours at the full config. The parity shipped without torch "
+             "is tests/test_parity.py and selfcheck.py's parity check, against a stored reference of the official "
+             "model.")
+
 from tools.make_parity_reference import (build_official, copy_shared_weights, import_official,  # noqa: E402
                                          make_inputs, max_abs_diff, official_sources, run_official,
                                          save_state_dict)

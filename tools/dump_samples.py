@@ -1,6 +1,6 @@
 """Dump what the model is fed: a split's samples at the official fixed sizes, for any task, as one .npz.
 
-    python tools/dump_samples.py --task_config config/refcoco+.yml --dataroot data/referExpression --split val \
+    python tools/dump_samples.py --task_config config/refcoco+.yml --dataroot data/referExpression --split val \\
         --out refcoco+_val.npz --indices 0,5,9
     python tools/dump_samples.py --task_config config/demo_vqa.yml --split minval --out vqa_minval.npz
 

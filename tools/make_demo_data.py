@@ -5,7 +5,7 @@ small model learns from scratch.
     python tools/make_demo_data.py --out data/demo --dataset refcocog       # `train.py --demo --dataset refcocog`
     python tools/make_demo_data.py --out data/demo --task vqa               # data/demo/VQA + data/demo/coco
     python tools/make_demo_data.py --out data/demo_mt --layout mt           # vilbert-multi-task LMDB records
-    python tools/make_demo_data.py --out /big/refcoco+_sized --num_train_images 17000 --num_val_images 1500 \
+    python tools/make_demo_data.py --out /big/refcoco+_sized --num_train_images 17000 --num_val_images 1500 \\
         --num_test_images 750 --max_detections 100                          # RefCOCO+-sized, for benchmarks (~24 GB)
     python tools/make_demo_data.py --out data/demo --region_files tsv npy npz   # + the detected regions as the
         # feature extractors write them (data/demo/regions/), for tools/convert_features.py
@@ -36,11 +36,12 @@ def main(argv=None) -> None:
                         help="referring expressions (--dataset; default) or VQA 2.0 (OUT/VQA, features in OUT/coco)")
     parser.add_argument("--dataset", choices=DATASETS, help="which referring-expression dataset (default: refcoco+)")
     parser.add_argument("--layout", choices=LAYOUTS, default="beta", help="LMDB record format (default: beta)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the generated images, boxes and "
+                        "expressions (default: 0)")
     for name in SIZES:
         defaults = ", ".join(f"{signature(make).parameters[name].default} ({task})" for task, make in MAKERS.items())
-        parser.add_argument(f"--{name}", type=int, help=f"default: {defaults}")
-    parser.add_argument("--max_detections", type=int, default=0,
+        parser.add_argument(f"--{name}", type=int, metavar="N", help=f"default: {defaults}")
+    parser.add_argument("--max_detections", type=int, default=0, metavar="N",
                         help="add background boxes, up to this many detections per image (real files: 100)")
     parser.add_argument("--region_files", nargs="+", choices=FORMATS, default=[],
                         help=f"also write the detected regions in these extractor formats into OUT/{REGIONS_DIR}")

@@ -460,6 +460,7 @@ def ensure_feature_cache(lmdb_path, progress: bool = True) -> Path:
     builds, the others wait and then read what it built; the file appears only complete (atomic rename).
     """
     lmdb_path = os.fspath(lmdb_path)
+    ImageFeaturesReader(lmdb_path)  # data.mdb there and readable: its error comes before any "Building ..." line
     beside = default_cache_path(lmdb_path)
     target = beside if os.access(beside.parent, os.W_OK) else fallback_cache_path(lmdb_path)
     with _build_lock(target):

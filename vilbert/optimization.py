@@ -84,7 +84,7 @@ class BertAdam:
     Each update is formed as beta forms it, one float32 operation after another:
     ``p -= lr * (m / (sqrt(v) + eps) + wd * p)``. Paddle's fused ``adamw_`` cannot serve: it decays by
     ``p * (1 - lr*wd)``, and near 1.0 float32 rounds ``lr*wd`` to a multiple of 6e-8, so LayerNorm weights drifted
-    5e-6 from beta's over a run and got no decay at all once ``lr*wd`` fell below 3e-8 (issue 11). Its CPU kernel is
+    5e-6 from beta's over a run and got no decay at all once ``lr*wd`` fell below 3e-8. Its CPU kernel is
     also generated for AVX-512 only; elsewhere a scalar loop took 1.7 s per full-config step.
 
     On CPU the update runs on NumPy views of the tensors' memory, in pieces of ``_PIECE`` elements that stay in
@@ -184,7 +184,7 @@ class BertAdam:
         if unexpected:
             raise KeyError(f"optimizer state for parameters this model does not train: {unexpected[:5]} "
                            f"({len(unexpected)} in all); resume with the same model and head/freeze settings")
-        # saved before issue 11, the moments were the fused kernel's, beta's times these factors
+        # saved by the earlier fused-kernel optimizer, the moments were the fused kernel's, beta's times these factors
         scales = [float(scale) for scale in state_dict.get('moment_scales', (1.0, 1.0))]
         state = {}
         for name, saved in state_dict['state'].items():

@@ -1,8 +1,10 @@
 """Run options: a YAML task config gives the defaults, command-line flags override them.
 
 One typed dataclass is the single source of truth: the YAML keys, the flags (`--batch_size`, named as in the
-official scripts), their types and their defaults all come from its fields. Unknown or ill-typed YAML keys are
-errors. The resolved options are written into the run directory as `config.yaml`.
+official scripts), their types, defaults and --help texts all come from its fields. Each field also names the
+entry scripts that offer it (`option(..., used_by=...)`): eval.py and predict.py do not offer the training-only
+options, which they still read from the YAML. Unknown or ill-typed YAML keys are errors. The resolved options are
+written into the run directory as `config.yaml`.
 """
 
 import argparse
@@ -29,61 +31,114 @@ class OptionsError(ValueError):
     """A task config or flag value that cannot be used."""
 
 
+# The entry scripts that offer an option as a flag (build_parser's `script`). Every option is a key of the task
+# config and of a run's config.yaml whichever script reads it; a script's --help just leaves out the options it
+# never uses (eval.py lists no --learning_rate: the checkpoint is already trained). It still accepts them, so the
+# flags of a training command line can be given to eval.py as they are.
+TRAIN, EVAL, PREDICT = "train", "eval", "predict"
+SCRIPTS = (TRAIN, EVAL, PREDICT)
+
+
+def option(default, help_text: str, used_by=SCRIPTS, metavar=None):
+    """A `RunOptions` field: its default, its --help text, and the entry scripts that offer it as a flag."""
+    metadata = {"help": help_text, "used_by": frozenset(used_by), "metavar": metavar}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class RunOptions:
-    """Everything a run needs besides the model's own JSON config (`config_file`)."""
+    """Everything a run needs besides the model's own JSON config (`config_file`).
 
-    task: str = "refer"  # refer (referring expressions), vqa: what the run trains and scores (vilbert/tasks)
+    Each field's metadata holds its --help text and the scripts that offer it as a flag (`option`).
+    """
+
+    task: str = option("refer", "what the run trains and scores (vilbert/tasks): refer (referring expressions) "
+                       "or vqa; also the short form of its task config (config/refcoco+.yml, config/vqa.yml; "
+                       "with --demo its demo config)", metavar="{refer,vqa}")
     # data (paths relative to `dataroot` unless absolute)
-    dataset: str = "refcoco+"  # refcoco, refcoco+ or refcocog (the options it implies follow --dataset); vqa
-    splitBy: str = "unc"
-    dataroot: str = "data/referExpression"
-    features_h5path1: str = "refcoco+_resnet101_faster_rcnn_genome.lmdb"  # detected boxes
-    features_h5path2: str = "refcoco+_gt_resnet101_faster_rcnn_genome.lmdb"  # ground-truth boxes (train only)
-    features_test: str = ""  # the test split's features when they are an LMDB of their own (VQA: test2015)
-    feature_cache: bool = True  # read the features from their decoded cache (vilbert/features.py)
-    build_feature_cache: bool = True  # build that cache (float16) on first use when missing or stale
-    train_split: str = "train"
-    val_split: str = "val"
-    max_seq_length: int = 20
-    max_region_num: int = 100
-    tokenization: str = "beta"  # beta: [CLS] + pieces + [SEP], then cut; 12in1: pieces cut, then [CLS]/[SEP]
-    bert_model: str = "bert-base-uncased"  # the shipped vocab, or a path to a vocab file
-    feature_extractor: str = "butd_resnet101"  # what made the training features (feature_lmdb.EXTRACTORS)
+    dataset: str = option("refcoco+", "refcoco, refcoco+ or refcocog (the options that depend on it, splitBy, "
+                          "task_id, the feature files, follow it unless given too); vqa for VQA 2.0",
+                          metavar="NAME")
+    splitBy: str = option("unc", "which split of the dataset's annotations, refs(<splitBy>).p (unc; RefCOCOg: umd)",
+                          used_by=(TRAIN, EVAL), metavar="NAME")
+    dataroot: str = option("data/referExpression", "the data root: annotations and features, the paths below are "
+                           "relative to it unless absolute; a local folder or s3://", metavar="DIR")
+    features_h5path1: str = option("refcoco+_resnet101_faster_rcnn_genome.lmdb", "LMDB of the detected boxes' "
+                                   "features", metavar="LMDB")
+    features_h5path2: str = option("refcoco+_gt_resnet101_faster_rcnn_genome.lmdb", "LMDB of the ground-truth "
+                                   "boxes' features, mixed in for training only", used_by=(TRAIN,), metavar="LMDB")
+    features_test: str = option("", "the test split's features when they are an LMDB of their own (VQA: "
+                                "test2015)", used_by=(EVAL,), metavar="LMDB")
+    feature_cache: bool = option(True, "read the features from their decoded float16 cache (vilbert/features.py) "
+                                 "instead of the LMDB")
+    build_feature_cache: bool = option(True, "build that cache on first use when it is missing or stale",
+                                       used_by=(TRAIN, EVAL))
+    train_split: str = option("train", "the split trained on", used_by=(TRAIN,), metavar="SPLIT")
+    val_split: str = option("val", "the split scored after every epoch (eval.py: its default --split)",
+                            used_by=(TRAIN, EVAL), metavar="SPLIT")
+    max_seq_length: int = option(20, "tokens per expression or question, [CLS] and [SEP] included")
+    max_region_num: int = option(100, "regions per image, the whole-image region included")
+    tokenization: str = option("beta", "beta: [CLS] + word pieces + [SEP], then cut to max_seq_length; 12in1: "
+                               "pieces cut first, then [CLS]/[SEP] (the 12-in-1 checkpoints)", metavar="{beta,12in1}")
+    bert_model: str = option("bert-base-uncased", "the vocabulary: bert-base-uncased (shipped) or a vocab file",
+                             metavar="VOCAB")
+    feature_extractor: str = option("butd_resnet101", "what made the training features (feature_lmdb.EXTRACTORS); "
+                                    "predict.py warns when the features look otherwise", used_by=(TRAIN, PREDICT),
+                                    metavar="NAME")
     # model
-    config_file: str = "config/bert_base_6layer_6conect.json"
-    from_pretrained: str = ""  # .bin (official), .pdparams (ours or the earlier Paddle port); empty: random init
-    task_id: int = 0  # task-token id, only for 12-in-1 models built with task_specific_tokens
-    classifier: str = "beta"  # vil_prediction's form: beta (weight-normed MLP) or 12in1 (GeLU + LayerNorm MLP)
+    config_file: str = option("config/bert_base_6layer_6conect.json", "the model's JSON config", metavar="JSON")
+    from_pretrained: str = option("", "the weights: .bin (official PyTorch) or .pdparams (ours, or the earlier "
+                                  "Paddle port); empty: random init", metavar="CKPT")
+    task_id: int = option(0, "task-token id, only for 12-in-1 models built with task_specific_tokens")
+    classifier: str = option("beta", "vil_prediction's form: beta (weight-normed MLP) or 12in1 (GeLU + LayerNorm "
+                             "MLP)", metavar="{beta,12in1}")
     # optimisation (vilbert_beta train_tasks.py + BertAdam)
-    batch_size: int = 256  # global, over all devices and accumulation steps
-    eval_batch_size: int = 1024
-    num_train_epochs: int = 20
-    learning_rate: float = 4e-5
-    head_learning_rate: float = 1e-4
-    head_patterns: List[str] = field(default_factory=lambda: ["vil_prediction"])
-    weight_decay: float = 0.01
-    decay_patterns: List[str] = field(default_factory=lambda: ["bias", "LayerNorm.bias", "LayerNorm.weight"])
-    warmup_proportion: float = 0.1
-    lr_milestones: List[int] = field(default_factory=lambda: [12, 16])
-    lr_gamma: float = 0.1
-    max_grad_norm: float = 1.0
-    adam_epsilon: float = 1e-6
-    gradient_accumulation_steps: int = 1
+    batch_size: int = option(256, "training batch, global: over all devices and accumulation steps",
+                             used_by=(TRAIN,))
+    eval_batch_size: int = option(1024, "evaluation (and prediction) batch, per device")
+    num_train_epochs: int = option(20, "epochs to train", used_by=(TRAIN,))
+    learning_rate: float = option(4e-5, "peak learning rate of the encoder", used_by=(TRAIN,), metavar="LR")
+    head_learning_rate: float = option(1e-4, "peak learning rate of the parameters named by --head_patterns",
+                                       used_by=(TRAIN,), metavar="LR")
+    head_patterns: List[str] = option(["vil_prediction"], "substrings of the parameter names trained at "
+                                      "--head_learning_rate", used_by=(TRAIN,), metavar="PATTERN")
+    weight_decay: float = option(0.01, "weight decay of the parameters named by --decay_patterns", used_by=(TRAIN,),
+                                 metavar="X")
+    decay_patterns: List[str] = option(["bias", "LayerNorm.bias", "LayerNorm.weight"], "substrings of the "
+                                       "parameter names that decay (vilbert_beta's rule: only these)",
+                                       used_by=(TRAIN,), metavar="PATTERN")
+    warmup_proportion: float = option(0.1, "share of all steps with a linear warm-up of the learning rate",
+                                      used_by=(TRAIN,), metavar="X")
+    lr_milestones: List[int] = option([12, 16], "epochs at which the learning rate is multiplied by --lr_gamma",
+                                      used_by=(TRAIN,), metavar="EPOCH")
+    lr_gamma: float = option(0.1, "the factor applied at each of --lr_milestones", used_by=(TRAIN,), metavar="X")
+    max_grad_norm: float = option(1.0, "gradient norm clip, per tensor (BertAdam)", used_by=(TRAIN,), metavar="X")
+    adam_epsilon: float = option(1e-6, "Adam's epsilon (BertAdam: no bias correction)", used_by=(TRAIN,),
+                                 metavar="X")
+    gradient_accumulation_steps: int = option(1, "steps whose gradients make one update (--batch_size is split "
+                                              "over them)", used_by=(TRAIN,))
     # running
-    seed: int = 0
+    seed: int = option(0, "seed of the shuffling, dropout and fresh weights", used_by=(TRAIN,))
     # Loader threads (vilbert/loader.py); the one default, used by every config. Threads, not processes: a
     # batch is assembled mostly by copies NumPy runs outside the GIL, straight into the memory the device copy
     # reads; Paddle's shared-memory processes copy every batch twice more and stayed near 5,000 samples/s
     # where threads gave 39,000 (bench/bench_loader.py, README Speed). 4: a GPU box has 4 cores to spare for
     # them; on fewer CPUs the loader runs one thread per CPU, as more only contend.
-    num_workers: int = 4
-    device: str = "auto"  # auto: gpu when Paddle has CUDA, else cpu
-    amp: str = "off"  # off, bf16, fp16
-    deterministic: bool = False  # GPU: deterministic cuDNN and embedding-gradient kernels (repeatable runs, slower)
-    output_dir: str = "checkpoints"
-    save_name: str = ""  # run directory name; empty: <dataset>_<config_file stem>
-    resume: str = ""  # a run's last.pdparams, or 'auto' to continue <output_dir>/<save_name> if it exists
+    num_workers: int = option(4, "batch-loading threads (0: in the main thread; at most one per CPU is used)",
+                              used_by=(TRAIN, EVAL))
+    device: str = option("auto", "auto (gpu when Paddle has CUDA and sees a GPU, else cpu), gpu or cpu",
+                         metavar="{auto,gpu,cpu}")
+    amp: str = option("off", "mixed precision on GPU: off, bf16 or fp16", used_by=(TRAIN, EVAL),
+                      metavar="{off,bf16,fp16}")
+    deterministic: bool = option(False, "GPU: deterministic cuDNN and embedding-gradient kernels (repeatable "
+                                 "runs, slower)")
+    output_dir: str = option("checkpoints", "where run directories are made", used_by=(TRAIN,), metavar="DIR")
+    save_name: str = option("", "the run directory's name; empty: <dataset>_<config_file stem>", used_by=(TRAIN,),
+                            metavar="NAME")
+    resume: str = option("", "a run's last.pdparams to continue, or auto: continue <output_dir>/<save_name> if it "
+                         "has one, else start fresh", used_by=(TRAIN,), metavar="{auto,CKPT}")
 
     def validate(self) -> None:
         from .tasks import TASKS  # here, not at the top: the tasks import this module
@@ -145,27 +200,56 @@ def load_task_config(path) -> dict:
     return {k: float(v) if _field_type(fields[k]) is float else v for k, v in values.items()}
 
 
-def build_parser(description: str) -> argparse.ArgumentParser:
-    """A parser with one flag per option; defaults are filled in by `parse_options` from the YAML."""
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--task_config", default=None,
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring as written (its example commands stay one per line); a flag's default where it has one."""
+
+    def _fill_text(self, text, width, indent):  # a text without line breaks (a group's) is wrapped to the terminal
+        if "\n" in text.strip():
+            return super()._fill_text(text, width, indent)
+        return argparse.HelpFormatter._fill_text(self, text, width, indent)
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser(description: str, script: str = None) -> argparse.ArgumentParser:
+    """A parser with one flag per option; --help offers those `script` (train, eval, predict; None: all) uses.
+
+    The flags default to None: `parse_options` fills in the rest from the YAML, which holds every option.
+    """
+    if script is not None and script not in SCRIPTS:
+        raise ValueError(f"script={script!r} must be one of {', '.join(SCRIPTS)} or None")
+    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    parser.add_argument("--task_config", default=None, metavar="YAML",
                         help=f"task YAML giving the defaults (default: the --task's, "
-                             f"{DEFAULT_TASK_CONFIG.relative_to(PROJECT_ROOT)} for referring expressions)")
+                             f"{DEFAULT_TASK_CONFIG.relative_to(PROJECT_ROOT)} for referring expressions"
+                             + ("; for a checkpoint of ours, the config.yaml of its run" if script in (EVAL, PREDICT)
+                                else "") + ")")
     parser.add_argument("--demo", action="store_true",
                         help="the small demo recipe of the task (config/demo.yml, config/demo_vqa.yml) on generated "
                              "data; makes it if missing")
+    shipped = RunOptions(**load_task_config(DEFAULT_TASK_CONFIG))
+    where = ("the checkpoint's run config (config.yaml beside --from_pretrained) when there is one, else the task "
+             "config" if script in (EVAL, PREDICT) else "the task config")
+    left_out = ("; the training-only options (optimisation, schedule, output, resume) are read from the config "
+                "but not offered as flags" if script in (EVAL, PREDICT) else "")
+    group = parser.add_argument_group(
+        "run options", f"Each is a key of the task config too; a flag given overrides it. Defaults: {where}; the "
+                       f"values shown are those of {DEFAULT_TASK_CONFIG.name}{left_out}.")
     for f in dataclasses.fields(RunOptions):
-        kind = _field_type(f)
-        if f.name == "task":
-            parser.add_argument("--task", default=None, help="refer or vqa: the task, and the short form of its "
-                                "task config (config/refcoco+.yml, config/vqa.yml; with --demo its demo config)")
-        elif kind is bool:
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None)
-        elif typing.get_origin(f.type) is list:
-            parser.add_argument(f"--{f.name}", nargs="+", type=typing.get_args(f.type)[0], default=None)
+        kind, item = _field_type(f), typing.get_args(f.type)[0] if _field_type(f) is list else f.type
+        help_text = f"{f.metadata['help']} (default: {_shown(getattr(shipped, f.name))} in {DEFAULT_TASK_CONFIG.name})"
+        # An option the script does not use is still accepted (a training command line's flags can be passed to
+        # eval.py as they are) but is not offered: --help and the usage line leave it out.
+        offered = script is None or script in f.metadata["used_by"]
+        kwargs = {"default": None, "help": help_text.replace("%", "%%") if offered else argparse.SUPPRESS}
+        if kind is bool:
+            group.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kwargs)
         else:
-            parser.add_argument(f"--{f.name}", type=kind, default=None)
+            group.add_argument(f"--{f.name}", type=item, nargs="+" if kind is list else None,
+                               metavar=f.metadata["metavar"] or {int: "N", float: "X"}.get(item), **kwargs)
     return parser
 
 
@@ -192,12 +276,21 @@ def parse_options(parser: argparse.ArgumentParser, argv=None, config_beside_chec
                            f"config: leave out one of them")
     if args.dataset is not None:  # what follows from the dataset follows it, unless given as a flag too
         values.update(follow_dataset(dataclasses.asdict(RunOptions(**values)), args.dataset))
-    for f in dataclasses.fields(RunOptions):
-        if getattr(args, f.name) is not None:
+    for f in dataclasses.fields(RunOptions):  # a flag the script does not offer is not in `args`
+        if getattr(args, f.name, None) is not None:
             values[f.name] = getattr(args, f.name)
     options = RunOptions(**values)
     options.validate()
     return options, args
+
+
+def _shown(value) -> str:
+    """An option's value as --help shows it."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, list):
+        return " ".join(map(str, value))
+    return str(value) if value != "" else "empty"
 
 
 def _field_type(f: dataclasses.Field):

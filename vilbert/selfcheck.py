@@ -13,7 +13,8 @@ same checks run on the CPU, and the real config's step at a small batch. The num
 - amp: one bf16 and one fp16 training step of the tiny model, loss and weights finite;
 - launch: 2 processes on 2 GPUs train the demo's first epoch (when 2 GPUs are visible);
 - step: the real config (`--config_file`) at the per-device micro-batch the options imply, with and without
-  `--amp`: time, peak memory, the estimated RefCOCO+ epoch time and the `--gradient_accumulation_steps` that fits;
+  `--amp`: time, peak memory, the estimated epoch time of the run's train split (counted in the data when it is
+  there, else the full dataset's train split) and the `--gradient_accumulation_steps` that fits;
 - repeatable: (GPU) two identical training steps with `--deterministic`'s flags give identical weights;
 - data: `download_dataset.sh --check` on the data root;
 - loader: the first val batches of the loader train.py uses, moved to this device, equal the plain path's
@@ -29,6 +30,7 @@ import resource
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +51,11 @@ from .tasks import get_task
 from .training import build_dataset, build_grad_scaler, build_model, build_optimizer, eval_loader, train_loader
 
 REFERENCE_DATA = PROJECT_ROOT / "tests" / "data"
-TRAIN_EXPRESSIONS = {"refcoco+": 120191, "refcoco": 120624, "refcocog": 80512}  # train split sizes (data_spec.md)
+# train split sizes of the released datasets (data_spec.md): the epoch estimate when the data is not there
+TRAIN_EXPRESSIONS = {"refcoco+": 120191, "refcoco": 120624, "refcocog": 80512}
+# Paddle's warnings that autocast and the loss scaler do nothing on CPU: the amp check runs its bf16 and fp16 steps
+# there on purpose (that they run and stay finite), and its line already says they compute in float32.
+CPU_AMP_WARNINGS = ("amp_guard can only be enabled on CUDAPlace", "AmpScaler can only be enabled on CUDAPlace")
 PARITY_TOLERANCE = {"cpu": 1e-5, "gpu": 1e-4}  # vs the official output; GPU matmuls may use TF32
 OPTIMIZER_TOLERANCE = 1e-6
 DATA_SAMPLE = 200  # feature records read back per LMDB by the data check
@@ -273,7 +279,11 @@ class SelfCheck:
         return "PASS", detail
 
     def check_amp(self):
-        losses = {amp: tiny_training(self.device, amp) for amp in ("bf16", "fp16")}
+        with warnings.catch_warnings():
+            if not self.gpu:
+                for message in CPU_AMP_WARNINGS:
+                    warnings.filterwarnings("ignore", message=message, category=UserWarning)
+            losses = {amp: tiny_training(self.device, amp) for amp in ("bf16", "fp16")}
         finite = {amp: np.isfinite(loss) and all(np.isfinite(w).all() for w in weights.values())
                   for amp, (loss, weights) in losses.items()}
         detail = ", ".join(f"{amp} 2 steps, mean loss {loss:.4f}" for amp, (loss, _) in losses.items())
@@ -292,7 +302,7 @@ class SelfCheck:
         options = self.options
         config_file = PROJECT_ROOT / "config" / "vilbert_demo.json" if self.quick else options.config_file
         wanted = options.batch_size // (self.gpus * options.gradient_accumulation_steps)
-        micro = wanted if self.gpu else min(wanted, 2)  # the real config on CPU: a small batch
+        micro = wanted if self.gpu or self.quick else min(wanted, 2)  # the real config on CPU: a small batch
         paddle.set_device(self.device)
         paddle.seed(0)
         model = VILBertForVLTasks(ViLBertConfig.from_json(config_file))
@@ -302,16 +312,34 @@ class SelfCheck:
         for amp in amps:  # the smaller run first: 2.6 cannot reset the peak counter, so each peak includes those before
             fitted, seconds, peak = fit_micro_batch(model, optimizer, micro, amp, self.gpu)
             rows.append((amp, fitted, seconds, peak))
+        samples, data = self.train_samples()
         parts = []
         for amp, fitted, seconds, peak in rows:
             rate = fitted / seconds
-            epoch = TRAIN_EXPRESSIONS.get(options.dataset, TRAIN_EXPRESSIONS["refcoco+"]) / (rate * self.gpus)
+            epoch = (f"epoch ~{_duration(samples / (rate * self.gpus))} on {self.gpus} device(s)" if samples
+                     else "epoch: unknown")
             fits = (f"--gradient_accumulation_steps {options.gradient_accumulation_steps * wanted // fitted} fits"
-                    if self.gpu else "CPU: a small batch")
+                    if self.gpu else "CPU: a small batch" if micro < wanted else "CPU: the run's micro-batch")
             parts.append(f"amp {amp}: micro-batch {fitted}, {seconds:.2f} s/step, {rate:.1f} samples/s/device, peak "
-                         f"{peak / 2 ** 30:.1f} GiB, epoch ~{epoch / 60:.0f} min on {self.gpus} device(s), {fits}")
+                         f"{peak / 2 ** 30:.1f} GiB, {epoch}, {fits}")
         name = Path(config_file).stem + (" (quick: demo model)" if self.quick else "")
-        return "INFO", f"{name}: " + "; ".join(parts)
+        return "INFO", f"{name}: " + "; ".join(parts) + f" (epoch of {data})"
+
+    def train_samples(self):
+        """(samples, what they are) of the train split the run would build, counted in its data when that is
+        there (the LMDBs read, no feature cache built); else the released dataset's train split size, (None, why)
+        when there is none to assume."""
+        options = self.options
+        try:
+            quiet = dataclasses.replace(options, build_feature_cache=False)
+            dataset = build_dataset(quiet, options.train_split, BertTokenizer(options.bert_model))
+            return len(dataset), f"the {len(dataset):,} {options.train_split} samples in {options.dataroot}"
+        except Exception as error:  # noqa: BLE001 - no data (or unreadable): the data check reports why
+            reason = f"no readable {options.train_split} data in {options.dataroot}: {type(error).__name__}"
+        if options.task == "refer" and options.dataset in TRAIN_EXPRESSIONS:
+            count = TRAIN_EXPRESSIONS[options.dataset]
+            return count, f"the full {options.dataset} train split, {count:,} expressions, assumed ({reason})"
+        return None, f"unknown size: {reason}"
 
     def check_repeatable(self):
         if not self.gpu:
@@ -395,6 +423,12 @@ def launch_two_gpus():
     if done.returncode or not epoch:
         raise CheckFailed(f"2-GPU demo epoch failed (exit {done.returncode}); logs in {log_dir}")
     return "PASS", f"2 GPUs: {epoch[0].strip()}"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 2 * 3600 else f"{seconds / 3600:.1f} h"
 
 
 def _total_memory() -> int:
