@@ -181,6 +181,20 @@ def size(path):
     return f"{total / 2**20:,.1f} MB" if total >= 2**20 else f"{total / 2**10:,.1f} KB"
 
 
+def entry(relative, path, what, optional=""):
+    """Prints the audit line of an expected file or LMDB folder and, when it is not there (an LMDB folder counts
+    only with its data.mdb), why; returns (there, problems): whether to read it, and 1 when its absence is a
+    problem (an `optional` entry, whose reason this is, is only reported as absent)."""
+    print(f"  {relative + ('/' if relative.endswith('.lmdb') else ''):<61} {what}")
+    if not os.path.exists(path):
+        print(f"      absent   (optional: {optional})" if optional else f"      MISSING  {path}")
+        return False, 0 if optional else 1
+    if relative.endswith(".lmdb") and not os.path.isfile(os.path.join(path, "data.mdb")):
+        print(f"      MISSING  {os.path.join(path, 'data.mdb')} ({NO_DATA_MDB})")
+        return False, 1
+    return True, 0
+
+
 def lmdb_images(path):
     """The image ids an LMDB folder lists, and a description: how many, the record layout (of the first)."""
     import lmdb
@@ -275,14 +289,9 @@ print("Sizes of these files are not published; the counts below are what the off
 problems, refs = 0, None
 for relative, what in ENTRIES:
     path = os.path.join(root, relative)
-    print(f"  {relative + ('/' if relative.endswith('.lmdb') else ''):<61} {what}")
-    if not os.path.exists(path):
-        print(f"      MISSING  {path}")
-        problems += 1
-        continue
-    if relative.endswith(".lmdb") and not os.path.isfile(os.path.join(path, "data.mdb")):
-        print(f"      MISSING  {os.path.join(path, 'data.mdb')} ({NO_DATA_MDB})")
-        problems += 1
+    there, absent = entry(relative, path, what)
+    problems += absent
+    if not there:
         continue
     try:
         if relative.endswith(".p"):
@@ -413,14 +422,9 @@ print(f"Data root: {os.path.abspath(root)} (VQA 2.0; features in {os.path.abspat
 bad = 0
 for relative, what, check, part, required in ENTRIES:
     path = os.path.normpath(os.path.join(root, relative))
-    print(f"  {relative + ('/' if relative.endswith('.lmdb') else ''):<61} {what}")
-    if not os.path.exists(path):
-        print(f"      MISSING  {path}" if required else "      absent   (optional: the official accuracy reads it)")
-        bad += required
-        continue
-    if relative.endswith(".lmdb") and not os.path.isfile(os.path.join(path, "data.mdb")):
-        print(f"      MISSING  {os.path.join(path, 'data.mdb')} ({NO_DATA_MDB})")
-        bad += 1
+    there, absent = entry(relative, path, what, "" if required else "the official accuracy reads it")
+    bad += absent
+    if not there:
         continue
     try:
         detail, problems = check(path, part)
