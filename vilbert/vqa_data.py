@@ -55,14 +55,16 @@ def split_files(split: str) -> List[str]:
     return [QUESTION_FILES[p] for p in parts] + [TARGET_FILES[p] for p in parts if p in TARGET_FILES]
 
 
-def _require(path: Path) -> Path:
+def require(path: Path, root="") -> Path:
+    """`path`, which must be a file of the data root (`root`, named in the error when given)."""
     if not path.is_file():
-        raise VQADataError(f"{path} not found: the VQA data root is incomplete; {DOWNLOAD_HINT}")
+        raise VQADataError(f"{path} not found: the VQA data root{f' {root}' if root else ''} is incomplete; "
+                           f"{DOWNLOAD_HINT}")
     return path
 
 
 def read_json(path) -> object:
-    path = _require(Path(path))
+    path = require(Path(path))
     try:
         return json.loads(path.read_bytes())
     except (ValueError, UnicodeDecodeError) as err:
@@ -71,7 +73,7 @@ def read_json(path) -> object:
 
 def read_pickle(path) -> object:
     """A pickle of plain data (lists, dicts, strings, numbers), through the restricted unpickler."""
-    path = _require(Path(path))
+    path = require(Path(path))
     try:
         with open(path, "rb") as f:
             # Python 2 pickles (bottom-up-attention-vqa wrote them with cPickle) carry str as bytes

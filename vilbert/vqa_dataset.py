@@ -61,11 +61,8 @@ class VQADataset(paddle.io.Dataset):
     # ---- entries and their cache ------------------------------------------------------------------------
     def _cache(self, tokenizer: BertTokenizer, cache_dir) -> EntriesCache:
         root = Path(self.dataroot)
-        files = [root / name for name in vqa_data.split_files(self.split) + [vqa_data.ANS2LABEL]]
-        for path in files:
-            if not path.is_file():
-                raise vqa_data.VQADataError(f"{path} not found: the VQA data root {root} is incomplete; "
-                                            f"{vqa_data.DOWNLOAD_HINT}")
+        files = [vqa_data.require(root / name, root)
+                 for name in vqa_data.split_files(self.split) + [vqa_data.ANS2LABEL]]
         key = {"format": ENTRIES_FORMAT, "tokenization": self.tokenization, "vocab_sha256": tokenizer.vocab_sha256,
                "do_lower_case": tokenizer.do_lower_case, "max_seq_length": self.max_seq_length, "split": self.split}
         folder = Path(cache_dir) if cache_dir else root / "cache"

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Dict, List
 
 import numpy as np
-import paddle.nn.functional as F
 
 from .. import vqa_data
 from ..features import open_features
@@ -94,13 +93,11 @@ class VQATask(Task):
         bound), and the top answers with their sigmoid probabilities (each answer is its own binary decision)."""
         score = vqa_score(logit, batch["target"]).numpy()
         best = batch["target"].max(axis=1).numpy()
-        probs = F.sigmoid(logit).numpy()
-        ranked = top_k(logit.numpy(), TOP_K)  # by logit: the sigmoid rounds large ones to a tie at 1.0
+        ranked = answers_of(logit.numpy(), dataset.label2ans, TOP_K)
         ids, images = batch["question_id"].numpy(), batch["image_id"].numpy()
-        answers = dataset.label2ans
-        return [{"question_id": int(ids[i]), "image_id": int(images[i]), "answer": answers[ranked[i, 0]],
+        return [{"question_id": int(ids[i]), "image_id": int(images[i]), "answer": ranked[i][0][0],
                  "soft_score": float(score[i]), "upper_bound": float(best[i]),
-                 "top_k": [{"answer": answers[j], "prob": round(float(probs[i, j]), 4)} for j in ranked[i]]}
+                 "top_k": [{"answer": answer, "prob": round(prob, 4)} for answer, prob in ranked[i]]}
                 for i in range(len(ids))]
 
     def summarize(self, predictions: List[dict]) -> Dict[str, float]:
@@ -166,6 +163,7 @@ def _label2ans(dataroot: str) -> List[str]:
 
 
 def answers_of(logit: np.ndarray, label2ans: List[str], k: int) -> List[List[tuple]]:
-    """The top `k` (answer, sigmoid probability) of each row of [B, num_labels] logits: what predict.py prints."""
+    """The top `k` (answer, sigmoid probability) of each row of [B, num_labels] logits, ranked by logit (the sigmoid
+    rounds large ones to a tie at 1.0): what eval.py's predictions and predict.py list."""
     probs = 1.0 / (1.0 + np.exp(-logit.astype(np.float64)))
     return [[(label2ans[j], float(probs[i, j])) for j in row] for i, row in enumerate(top_k(logit, k))]
