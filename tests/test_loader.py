@@ -74,8 +74,9 @@ def test_batches_the_caller_keeps_are_never_overwritten(datasets, workers):
 
 
 def test_dropped_batches_memory_is_reused(datasets, monkeypatch):
-    """Iterating with one worker and dropping each batch: the features need a few blocks (the batch the
-    caller has, the one being assembled, the next), not one per batch, and the next pass needs none."""
+    """Iterating with one worker and dropping each batch: the features need at most three blocks (the batch
+    the caller has, the next one, the one being assembled), not one per batch, and later passes reuse them.
+    Whether a pass needs two or all three depends on the threads' timing, so the bound is on all passes."""
     large = []
     allocate = loader_module._allocate
 
@@ -88,14 +89,11 @@ def test_dropped_batches_memory_is_reused(datasets, monkeypatch):
     dataset = datasets["train", True]
     batches = [list(range(16))] * 12  # the same batch: same shapes, so no block is outgrown
     loader = BatchLoader(dataset, batches, 1)
-    for batch in loader:
-        assert batch["features"].shape[0] == 16
-    assert 1 <= len(large) <= 4
-    first_pass = len(large)
-    del batch  # as the first pass began: no batch held (else its block is busy while the workers start again)
-    for batch in loader:  # the next epoch: the blocks are kept
-        pass
-    assert len(large) == first_pass
+    for _ in range(3):  # epochs; blocks made anew each pass would be at least two per pass
+        for batch in loader:
+            assert batch["features"].shape[0] == 16
+        del batch  # as a pass begins no batch is held (else its block is busy while the workers start again)
+    assert 1 <= len(large) <= 3
 
 
 def test_host_buffers_keep_a_small_block_when_a_larger_array_comes(monkeypatch):
