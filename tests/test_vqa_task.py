@@ -162,3 +162,19 @@ def test_unknown_split_and_task(run, tmp_path):
     assert "VQA has no split 'testA'; its splits are trainval, minval, train, val, test" in message
     message = one_line_error(train.main, ["--task", "vqa", "--task_config", str(PROJECT / "config" / "refcoco+.yml")])
     assert "--task vqa does not match" in message and "a refer config" in message
+
+
+def test_top_answers_are_those_of_a_full_stable_sort():
+    """`answers_of` ranks by logit as a stable argsort of the whole row does (ties at the k-th value, NaN rows,
+    k beyond the answer count included) and gives each its float64 sigmoid."""
+    from vilbert.tasks.vqa import answers_of
+    rng = np.random.default_rng(0)
+    logit = rng.integers(-3, 4, size=(64, 40)).astype(np.float32)  # few values: ties in most rows
+    logit[:32] += rng.normal(size=(32, 40)).astype(np.float32)  # distinct values
+    logit[5, 3], logit[6, :] = np.nan, np.nan
+    labels = [f"a{j}" for j in range(40)]
+    for k in (1, 8, 40, 50):
+        order = np.argsort(-logit, axis=1, kind="stable")[:, :k]
+        probs = 1.0 / (1.0 + np.exp(-logit.astype(np.float64)))
+        expected = [[(labels[j], float(probs[i, j])) for j in row] for i, row in enumerate(order)]
+        assert repr(answers_of(logit, labels, k)) == repr(expected), k  # repr: NaN equals NaN

@@ -165,5 +165,6 @@ def _label2ans(dataroot: str) -> List[str]:
 def answers_of(logit: np.ndarray, label2ans: List[str], k: int) -> List[List[tuple]]:
     """The top `k` (answer, sigmoid probability) of each row of [B, num_labels] logits, ranked by logit (the sigmoid
     rounds large ones to a tie at 1.0): what eval.py's predictions and predict.py list."""
-    probs = 1.0 / (1.0 + np.exp(-logit.astype(np.float64)))
-    return [[(label2ans[j], float(probs[i, j])) for j in row] for i, row in enumerate(top_k(logit, k))]
+    ranked = top_k(logit, k)
+    probs = 1.0 / (1.0 + np.exp(-np.take_along_axis(logit, ranked, axis=1).astype(np.float64)))
+    return [[(label2ans[j], float(p)) for j, p in zip(row, row_probs)] for row, row_probs in zip(ranked, probs)]
