@@ -1,6 +1,8 @@
 """``localize`` against a real S3-compatible HTTP server (moto in server mode) on 127.0.0.1 only."""
+import concurrent.futures
 import os
 import sys
+import time
 import uuid
 
 import lmdb
@@ -177,3 +179,26 @@ def test_interrupted_download_is_never_a_cache_hit(s3, cache, monkeypatch, capsy
         f.write(b"complete")
     assert localize(f"s3://{bucket}/model.bin", cache_dir=cache) == local
     assert _read(local) == b"complete weights"
+
+
+def test_processes_fetching_together_download_once(s3, cache, monkeypatch, capsys):
+    """The ranks of one machine localize the same data root at once: one downloads, the others find it cached."""
+    import vilbert.storage as storage
+
+    client, bucket = s3
+    for name in ("a.bin", "b.bin"):
+        client.put_object(Bucket=bucket, Key=f"root/{name}", Body=name.encode() * 1000)
+    downloads, real_download = [], storage._download
+
+    def slow_download(*args):
+        downloads.append(args[2])
+        time.sleep(0.2)  # long enough for every thread to reach the lock while the first one fetches
+        real_download(*args)
+
+    monkeypatch.setattr(storage, "_download", slow_download)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:  # each thread opens the lock file itself, as a process
+        roots = list(pool.map(lambda _: localize(f"s3://{bucket}/root", cache_dir=cache), range(4)))
+    assert roots == [os.path.join(cache, bucket, "root")] * 4
+    assert sorted(downloads) == ["root/a.bin", "root/b.bin"]
+    assert capsys.readouterr().out.count("Waiting for another process to finish fetching") >= 1
+    assert sorted(os.listdir(roots[0])) == [".a.bin.etag", ".b.bin.etag", "a.bin", "b.bin"]

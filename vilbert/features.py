@@ -18,8 +18,6 @@ by record, for what writes and audits LMDBs (`vilbert/feature_lmdb.py`) and read
 """
 
 import binascii
-import contextlib
-import fcntl
 import hashlib
 import io
 import json
@@ -37,7 +35,7 @@ import numpy as np
 
 from pyutils.restricted_pickle import RestrictedUnpickler, feature_record_globals
 
-from .fileio import atomic_path
+from .fileio import atomic_path, file_lock
 from .progress import progress as progress_bar
 
 FEATURE_DIM = 2048  # pool5_flat of the bottom-up ResNet-101 / ResNeXt-152 detectors
@@ -456,14 +454,16 @@ def ensure_feature_cache(lmdb_path, progress: bool = True) -> Path:
     """The path of a valid float16 cache of the LMDB, built first if there is none or it is stale.
 
     Built beside the LMDB when its folder is writable, else at `fallback_cache_path`. Processes that start
-    together (several runs, or the ranks of a distributed run on one machine) take a file lock: the first
-    builds, the others wait and then read what it built; the file appears only complete (atomic rename).
+    together (several runs, the ranks of a machine, or those of every node when the folder is on a shared
+    filesystem with locks) take a file lock (`file_lock`): the first builds, the others wait and then read what
+    it built; the file appears only complete (atomic rename).
     """
     lmdb_path = os.fspath(lmdb_path)
     ImageFeaturesReader(lmdb_path)  # data.mdb there and readable: its error comes before any "Building ..." line
     beside = default_cache_path(lmdb_path)
     target = beside if os.access(beside.parent, os.W_OK) else fallback_cache_path(lmdb_path)
-    with _build_lock(target):
+    with file_lock(target.with_name(f".{target.name}.lock"),
+                   waiting=f"Waiting for another process to finish building {target} ..."):
         try:
             FeatureCache(target, source=lmdb_path)
             return target  # built by another process while this one waited
@@ -476,22 +476,6 @@ def ensure_feature_cache(lmdb_path, progress: bool = True) -> Path:
         build_feature_cache(lmdb_path, target, float16=True, progress=progress)
         print(f"Built {target} ({target.stat().st_size / 2**30:.2f} GiB) in {time.time() - started:.0f} s", flush=True)
     return target
-
-
-@contextlib.contextmanager
-def _build_lock(target: Path):
-    """An exclusive lock (flock) on the file `.<target name>.lock` beside `target`, held for the block."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.with_name(f".{target.name}.lock"), "a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"Waiting for another process to finish building {target} ...", flush=True)
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def open_features(path, cache: Union[bool, str, os.PathLike, None] = True, build: bool = False) -> FeatureReader:

@@ -2,8 +2,11 @@
 
 Everything the project writes (checkpoints, caches, logs, pictures) goes to a temporary file in the same
 folder, which is renamed over the target only once complete: the previous version stays intact until then.
+What several processes would otherwise all do (build a cache, fetch a data root) runs under `file_lock`.
 """
 
+import errno
+import fcntl
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,3 +30,37 @@ def atomic_path(path: Union[str, os.PathLike]) -> Iterator[Path]:
 def atomic_write(path: Union[str, os.PathLike], data: Union[str, bytes]) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+
+
+# What flock raises where the filesystem has no locks (an NFS mount without its lock service, Lustre without -o flock)
+_NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+
+
+@contextmanager
+def file_lock(path: Union[str, os.PathLike], waiting: str) -> Iterator[None]:
+    """An exclusive lock (flock) on the file `path` for the block: the processes that start a job together (the
+    ranks of one machine, or of every machine where a shared filesystem supports flock, as NFSv4 and Lustre
+    mounted with -o flock do) run it one at a time, so the first does it and the others find it done. Prints
+    `waiting` when another process holds the lock. Where the filesystem has no locks, every process runs the
+    block; what it writes is atomic (`atomic_path`), so the result is still whole, only built more than once.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as lock:
+        locked = True
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(waiting, flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError as error:
+            if error.errno not in _NO_LOCKS:
+                raise
+            locked = False
+            print(f"Note: {path.parent} has no file locks ({error.strerror}); this process does the work "
+                  f"itself, even if another does it too", flush=True)
+        try:
+            yield
+        finally:
+            if locked:
+                fcntl.flock(lock, fcntl.LOCK_UN)

@@ -2,14 +2,16 @@
 
 Checkpoints are single objects; feature and annotation roots (LMDB folders holding ``data.mdb``/``lock.mdb``) are
 prefixes. Both are mirrored once into a cache and reused while each file's size and ETag still match the object,
-so a changed object is fetched again and an interrupted download never passes for a cached one. The endpoint and
+so a changed object is fetched again and an interrupted download never passes for a cached one. The ranks of one
+machine fetch a path once: the first downloads under a file lock, the others wait and find it cached. The endpoint and
 credentials come from the usual boto3 configuration, so ``AWS_ENDPOINT_URL`` selects an S3-compatible server
 (MinIO, Ceph) without a project-specific flag. boto3 is imported only for ``s3://`` paths.
 """
+import hashlib
 import os
 import tempfile
 
-from .fileio import atomic_write
+from .fileio import atomic_write, file_lock
 
 _CREDENTIALS_HINT = ("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), and AWS_ENDPOINT_URL for "
                      "an S3-compatible server")
@@ -31,12 +33,14 @@ def localize(path: str, cache_dir: str | None = None, endpoint_url: str | None =
     root = cache_dir or os.environ.get("VILBERT_CACHE") or os.path.expanduser("~/.cache/vilbert-paddle/s3")
     local = os.path.join(root, bucket, *_parts(bucket, key.strip("/")))
     fetched = []
-    for rel, obj_key, size, etag in objects:
-        dest = os.path.join(local, *_parts(bucket, obj_key, rel))
-        if not _is_cached(dest, size, etag):
-            _download(client, bucket, obj_key, dest, size, etag)
-            print(f"s3://{bucket}/{obj_key} -> {dest} ({_mb(size)})", flush=True)
-            fetched.append(size)
+    lock = os.path.join(root, ".locks", f"{hashlib.sha256(local.encode()).hexdigest()[:16]}.lock")  # not in the copy
+    with file_lock(lock, waiting=f"Waiting for another process to finish fetching {path} ..."):
+        for rel, obj_key, size, etag in objects:
+            dest = os.path.join(local, *_parts(bucket, obj_key, rel))
+            if not _is_cached(dest, size, etag):
+                _download(client, bucket, obj_key, dest, size, etag)
+                print(f"s3://{bucket}/{obj_key} -> {dest} ({_mb(size)})", flush=True)
+                fetched.append(size)
     if fetched:
         print(f"{path}: downloaded {len(fetched)} of {len(objects)} files ({_mb(sum(fetched))}) into {local}",
               flush=True)
