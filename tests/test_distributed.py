@@ -2,46 +2,24 @@
 trains at the same global batch, and so does gradient accumulation; only rank 0 writes and logs.
 
 On CPU, `--nproc_per_node 2` starts the 2 data-parallel processes (`--devices` selects GPUs only). Dropout
-differs per rank by design, so these runs have none: the model config's dropout is 0, and the REC head's
-(fixed at 0.1 in the model, as official, not a config key) is switched off by a launcher script.
+differs per rank by design, so these runs have none (`training_support.LAUNCHER`).
 """
 
-import os
-import subprocess
-import sys
+import json
+import shutil
 
 import paddle
 import pytest
 
+import eval as eval_script
 import train
-from training_support import (PROJECT, max_weight_difference, make_tiny_root, no_dropout_model, read_metrics,
-                              read_weights, run_flags)
+from test_vqa_task import vqa_flags
+from training_support import (CPU_LAUNCH_ONLY, PROJECT, finished, head_dropout_off, launch, max_weight_difference,
+                              make_tiny_root, no_dropout_model, read_metrics, read_weights, run_flags, write_launcher)
 from vilbert.config import ViLBertConfig
 from vilbert.model import VILBertForVLTasks
 
-# The launcher gives each rank a GPU wherever it sees one (and cannot be told not to: it reads CUDA_VISIBLE_DEVICES as
-# a device list), so these CPU runs need a machine without a visible GPU; tests/test_gpu.py launches 2 GPU ranks there.
-pytestmark = pytest.mark.skipif(paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0,
-                                reason="paddle.distributed.launch assigns GPUs here; see tests/test_gpu.py")
-
-LAUNCHER = '''"""train.py without the REC head's dropout."""
-import sys
-
-sys.path.insert(0, {project!r})
-from vilbert.model import VILBertForVLTasks
-
-_init = VILBertForVLTasks.__init__
-VILBertForVLTasks.__init__ = lambda self, config, dropout_prob=0.1, **heads: _init(self, config, dropout_prob=0.0, **heads)
-import train
-
-train.main()
-'''
-
-
-def head_dropout_off(monkeypatch) -> None:
-    init = VILBertForVLTasks.__init__
-    monkeypatch.setattr(VILBertForVLTasks, "__init__",
-                        lambda self, config, dropout_prob=0.1, **heads: init(self, config, dropout_prob=0.0, **heads))
+pytestmark = CPU_LAUNCH_ONLY
 
 
 @pytest.fixture(scope="module")
@@ -70,15 +48,8 @@ def one_process(setup):
 def two_processes(setup):
     """The same run launched as 2 processes: (run directory, launch log directory)."""
     flags, folder, _ = setup
-    launcher = folder / "launch_train.py"
-    launcher.write_text(LAUNCHER.format(project=str(PROJECT)))
     logs = folder / "launch_logs"
-    env = dict(os.environ, MKL_NUM_THREADS="1")  # one thread per process on a 2-core machine
-    done = subprocess.run([sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2",
-                           "--log_dir", str(logs), str(launcher), *flags("two")],
-                          cwd=PROJECT, env=env, capture_output=True, text=True, timeout=600)
-    worker_logs = "".join(f"\n--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(logs.glob("workerlog.*")))
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:] + worker_logs
+    finished(launch(write_launcher(folder), flags("two"), logs, nproc_per_node=2), logs)
     return folder / "two" / "run", logs
 
 
@@ -123,3 +94,46 @@ def test_gradient_accumulation_trains_what_one_big_batch_trains(setup, one_proce
                                  read_weights(run_dir / "last.pdparams")) < 1e-5
     [m1], [m2] = read_metrics(one_process), read_metrics(run_dir)
     assert m2["val_accuracy"] == m1["val_accuracy"] and m2["train_loss"] == pytest.approx(m1["train_loss"], rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def vqa_run(vqa_root, tmp_path_factory):
+    """A 1-epoch VQA run of the tiny model: its run directory."""
+    out = tmp_path_factory.mktemp("vqa_distributed")
+    train.main(vqa_flags(vqa_root, out, num_train_epochs=1))
+    return out / "run"
+
+
+def assert_close(actual, expected):
+    """Equal JSON values, floats to 1e-5: batches of other samples pad and sum in another order."""
+    if isinstance(expected, float):
+        assert actual == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    elif isinstance(expected, (list, dict)):
+        assert type(actual) is type(expected) and len(actual) == len(expected)
+        for key in (expected if isinstance(expected, dict) else range(len(expected))):
+            assert_close(actual[key], expected[key])
+    else:
+        assert actual == expected
+
+
+@pytest.mark.parametrize("task", ["refer", "vqa"])
+def test_evaluation_over_2_ranks_equals_1_process(task, request, tmp_path, capsys):
+    """eval.py under the launcher: each rank scores every other sample, rank 0 gathers and writes the same files
+    and the same table as one process does."""
+    run = request.getfixturevalue({"refer": "one_process", "vqa": "vqa_run"}[task])
+    split, written = {"refer": ("val", "best_refcoco+_val_predictions.json"),
+                      "vqa": ("minval", "best_vqa_minval_predictions.json")}[task]
+    one, two = (shutil.copytree(run, tmp_path / name) for name in ("one", "two"))
+    capsys.readouterr()
+    eval_script.main(["--from_pretrained", str(one / "best.pdparams"), "--split", split, "--num_workers", "0"])
+    table_one = capsys.readouterr().out.strip().splitlines()[-2:]
+    logs = tmp_path / "logs"
+    finished(launch(PROJECT / "eval.py", ["--from_pretrained", str(two / "best.pdparams"), "--split", split,
+                                         "--num_workers", "0"], logs, nproc_per_node=2), logs)
+    log = [line.replace(str(two), str(one)) for line in (logs / "workerlog.0").read_text().splitlines()]
+    assert table_one[0] in log, log[-20:]  # Paddle 2.6 logs its store's shutdown after the table
+    assert log[log.index(table_one[0]):][:2] == table_one
+    predictions = json.loads((one / written).read_text())
+    assert_close(json.loads((two / written).read_text()), predictions)  # scores of other batches: float rounding
+    assert len(predictions) > 20 and not (logs / "workerlog.1").read_text().count(table_one[0])
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())  # rank 1 wrote nothing

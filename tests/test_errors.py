@@ -261,3 +261,37 @@ def test_batch_size_not_divisible_by_devices(monkeypatch):
     monkeypatch.setattr(vilbert.training.dist, "get_world_size", lambda: 4)
     with pytest.raises(OptionsError, match=r"--batch_size 6 cannot be split over 4 device\(s\) x 1 accumulation"):
         train_loader(list(range(10)), RunOptions(batch_size=6))
+
+
+# ---- distributed runs -------------------------------------------------------------------------------------------
+GLOO_RESET = RuntimeError("[/paddle/third_party/gloo/gloo/transport/tcp/pair.cc:576] Read error [10.0.0.2]:41532: "
+                          "Connection reset by peer\n\n  more lines")
+
+
+def raising(error):
+    @vilbert.training.exit_on_user_error()
+    def main():
+        raise error
+    return main
+
+
+def test_a_collective_that_lost_its_peer_is_one_line(monkeypatch):
+    """The real case (a killed node) is tests/test_multinode.py; here the three ways an error can go."""
+    monkeypatch.setattr(vilbert.training.dist, "get_world_size", lambda: 16)
+    monkeypatch.setattr(vilbert.training.dist, "get_rank", lambda: 3)
+    with pytest.raises(SystemExit) as stopped:
+        raising(GLOO_RESET)()
+    assert str(stopped.value) == (
+        "error: rank 3 of 16 lost contact with another rank ([/paddle/third_party/gloo/gloo/transport/tcp/pair.cc:576]"
+        " Read error [10.0.0.2]:41532: Connection reset by peer): a node or process stopped, or the network failed. "
+        "Start every node's launcher again with the same command (train.py: add --resume auto to continue from the "
+        "last saved epoch)")
+    with pytest.raises(SystemExit, match=r"^error: rank 3 of 16 lost contact .*\(ExternalError: Nccl error"):
+        raising(OSError("ExternalError: Nccl error, remote process exited or there was a network error"))()
+    with pytest.raises(RuntimeError, match="shapes do not match"):  # any other error keeps its traceback
+        raising(RuntimeError("shapes do not match"))()
+
+
+def test_one_process_keeps_the_traceback_of_a_backend_error():
+    with pytest.raises(RuntimeError, match="Connection reset by peer"):
+        raising(GLOO_RESET)()

@@ -1,12 +1,17 @@
 """What the training-pipeline tests share: a tiny generated data root, the tiny model, run flags, weights."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import paddle
+import pytest
 
 from vilbert.demo_data import make_demo_dataset
+from vilbert.model import VILBertForVLTasks
 
 PROJECT = Path(__file__).resolve().parent.parent
 TEST_MODEL = PROJECT / "tests" / "data" / "vilbert_test.json"
@@ -53,3 +58,74 @@ def max_weight_difference(a: dict, b: dict) -> float:
 
 def read_metrics(run_dir) -> list:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+# The launcher gives each rank a GPU wherever it sees one (and cannot be told not to: it reads CUDA_VISIBLE_DEVICES as
+# a device list), so its CPU runs need a machine without a visible GPU; tests/test_gpu.py launches 2 GPU ranks there.
+CPU_LAUNCH_ONLY = pytest.mark.skipif(paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0,
+                                     reason="paddle.distributed.launch assigns GPUs here; see tests/test_gpu.py")
+
+# train.py as the distributed tests launch it: dropout differs per rank by design, so runs that must agree with one
+# process have none (the model config's is 0, and this turns off the REC head's, fixed at 0.1 in the model as
+# official, not a config key). With $STALL_AT = "train:N" (or "eval:N") the process stops answering at its own N-th
+# training step (evaluation batch), after writing its pid to $STALL_MARKER: a node about to be killed.
+LAUNCHER = '''"""train.py without the REC head's dropout; with $STALL_AT, stalled at that step."""
+import os
+import sys
+import time
+
+sys.path.insert(0, {project!r})
+import vilbert.engine
+from vilbert.model import VILBertForVLTasks
+
+_init = VILBertForVLTasks.__init__
+VILBertForVLTasks.__init__ = lambda self, config, dropout_prob=0.1, **heads: _init(self, config, dropout_prob=0.0, **heads)
+if os.environ.get("STALL_AT"):
+    _forward, _steps = vilbert.engine.forward, []
+    _mode, _step = os.environ["STALL_AT"].split(":")
+
+    def forward(model, *args, **kwargs):
+        _steps.append("train" if model.training else "eval")
+        if _steps[-1] == _mode and _steps.count(_mode) == int(_step):
+            with open(os.environ["STALL_MARKER"], "w") as marker:
+                marker.write(str(os.getpid()))
+            time.sleep(3600)
+        return _forward(model, *args, **kwargs)
+
+    vilbert.engine.forward = forward
+import train
+
+train.main()
+'''
+
+
+def head_dropout_off(monkeypatch) -> None:
+    """In this process, what LAUNCHER does in a launched one."""
+    init = VILBertForVLTasks.__init__
+    monkeypatch.setattr(VILBertForVLTasks, "__init__",
+                        lambda self, config, dropout_prob=0.1, **heads: init(self, config, dropout_prob=0.0, **heads))
+
+
+def write_launcher(folder) -> Path:
+    path = Path(folder) / "launch_train.py"
+    path.write_text(LAUNCHER.format(project=str(PROJECT)))
+    return path
+
+
+def launch(script, flags, log_dir, *, node=None, nproc_per_node=1, env=None) -> subprocess.Popen:
+    """`python -m paddle.distributed.launch` of `script` (CPU, gloo), one thread per process; `node` = (rank,
+    number of nodes, master host:port) makes it that node's launcher."""
+    nodes = ["--nnodes", str(node[1]), "--master", node[2], "--rank", str(node[0])] if node else []
+    return subprocess.Popen(
+        [sys.executable, "-m", "paddle.distributed.launch", *nodes, "--nproc_per_node", str(nproc_per_node),
+         "--log_dir", str(log_dir), str(script), *flags], cwd=PROJECT,
+        env=dict(os.environ, MKL_NUM_THREADS="1", **(env or {})), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True)
+
+
+def finished(process: subprocess.Popen, log_dir, timeout: float = 600) -> str:
+    """Waits for a `launch`; asserts it succeeded, with its output and its workers' logs when not."""
+    output = process.communicate(timeout=timeout)[0]
+    worker_logs = "".join(f"\n--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(Path(log_dir).glob("workerlog.*")))
+    assert process.returncode == 0, output[-3000:] + worker_logs
+    return output

@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import json
 import random
+import socket
 import time
 import warnings
 from pathlib import Path
@@ -52,11 +53,33 @@ USER_ERRORS = (FileNotFoundError, PermissionError, OptionsError, ConfigError, Ch
 
 @contextlib.contextmanager
 def exit_on_user_error():
-    """Turns a `USER_ERRORS` exception into `SystemExit` with its message (what an entry script prints)."""
+    """Turns a `USER_ERRORS` exception into `SystemExit` with its message (what an entry script prints), and so the
+    error of a collective that lost a rank (`lost_rank_message`)."""
     try:
         yield
     except USER_ERRORS as error:
         raise SystemExit(f"error: {error}") from None
+    except (RuntimeError, OSError) as error:
+        message = lost_rank_message(error)
+        if message is None:
+            raise
+        raise SystemExit(f"error: {message}") from None
+
+
+# The backends named by the error of a collective whose peer is gone: gloo's RuntimeError ("Connection reset by
+# peer" when a process dies, "TIMEOUT" when it stops answering), NCCL's (OSError, Paddle's ExternalError).
+_COLLECTIVE_BACKENDS = ("gloo", "nccl")
+
+
+def lost_rank_message(error: BaseException) -> "str | None":
+    """The one line for a distributed run's collective that failed because another rank (a node, a process) or
+    the network went away; None for any other error, which keeps its traceback."""
+    if dist.get_world_size() == 1 or not any(name in str(error).lower() for name in _COLLECTIVE_BACKENDS):
+        return None
+    cause = (str(error).strip().splitlines() or [""])[0][:300]
+    return (f"rank {dist.get_rank()} of {dist.get_world_size()} lost contact with another rank ({cause}): a node "
+            f"or process stopped, or the network failed. Start every node's launcher again with the same command "
+            f"(train.py: add --resume auto to continue from the last saved epoch)")
 
 
 @contextlib.contextmanager
@@ -207,6 +230,7 @@ def fit(options: RunOptions) -> dict:
             scaler.load_state_dict(state["scaler"])
         start_epoch, best = state["epoch"] + 1, state["best"]
         log(f"Resumed from {resume_path}: continuing at epoch {start_epoch}")
+    _check_every_rank_starts_at(start_epoch, options)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(run_dir / "config.yaml", options.to_yaml())
@@ -260,6 +284,20 @@ def _resume_path(options: RunOptions):
     if options.resume == "auto":
         return None  # nothing to resume yet: start fresh
     raise FileNotFoundError(f"--resume {path}: no such checkpoint (use --resume auto to start fresh if none)")
+
+
+def _check_every_rank_starts_at(start_epoch: int, options: RunOptions) -> None:
+    """Ranks that resumed from different checkpoints (a node that sees no run folder, or another one) would
+    train different models under one name: stop them all with one line instead."""
+    if dist.get_world_size() == 1:
+        return
+    starts: list = []
+    dist.all_gather_object(starts, (start_epoch, socket.gethostname()))
+    if len({epoch for epoch, _ in starts}) > 1:
+        where = ", ".join(f"rank {rank} ({host}) at epoch {epoch}" for rank, (epoch, host) in enumerate(starts))
+        raise OptionsError(f"--resume {options.resume}: the ranks start at different epochs ({where}), as they "
+                           f"do not all see the same {options.run_dir}; put --output_dir on a filesystem every node "
+                           f"shares, or copy the run folder to every node before resuming")
 
 
 def _read_history(path: Path, before: int) -> list:
