@@ -21,13 +21,15 @@ config/vqa.yml); every option is also a flag, named as in the official scripts.
 from pathlib import Path
 
 import vilbert  # noqa: F401  (sets CPU threading defaults before paddle loads)
+from vilbert.fileio import file_lock
 from vilbert.options import PROJECT_ROOT, build_parser, load_task_config, parse_options
 from vilbert.tasks import get_task
 from vilbert.training import exit_on_user_error, fit
 
 
 def ensure_demo_data(options) -> None:
-    """Generate the task's demo data at the demo config's own data root if it is not there yet."""
+    """Generate the task's demo data at the demo config's own data root if it is not there yet (once per machine:
+    the ranks of a launch wait for the first)."""
     task = get_task(options.task)
     marker = task.data_marker(options)
     if marker.exists():
@@ -37,8 +39,11 @@ def ensure_demo_data(options) -> None:
         raise FileNotFoundError(f"--dataroot {options.dataroot} has no {marker.relative_to(options.dataroot)}; point "
                                 f"it at a data root of {options.dataset} (see `bash download_dataset.sh --check "
                                 f"{task.download_args(options)} --dataroot {options.dataroot}`)")
-    print(f"Generating the {options.dataset} demo data in {options.dataroot} ...")
-    task.make_demo_data(options)
+    root = Path(options.dataroot)
+    with file_lock(root.with_name(f".{root.name}.lock"), waiting=f"Waiting for the demo data in {root} ..."):
+        if not marker.exists():
+            print(f"Generating the {options.dataset} demo data in {options.dataroot} ...")
+            task.make_demo_data(options)
 
 
 @exit_on_user_error()
