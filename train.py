@@ -8,6 +8,8 @@ config/vqa.yml); every option is also a flag, named as in the official scripts.
   python train.py --from_pretrained checkpoints/bert_base_6_layer_6_connect_freeze_0/pytorch_model_8.bin
   # N GPUs: same global batch (256), split over the devices:
   python -m paddle.distributed.launch --devices 0,1,2,3 train.py --from_pretrained ...
+  # several machines: one launcher per node, the same global batch (README.md, "Beyond one machine")
+  python -m paddle.distributed.launch --nnodes 2 --master 10.0.0.1:8090 --rank 0 --devices 0,1,2,3,4,5,6,7 train.py ...
   # continue a stopped run where it left off:
   python train.py --resume auto
   # VQA 2.0 (train on trainval, score minval), the same launch forms:

@@ -295,3 +295,7 @@ def test_a_collective_that_lost_its_peer_is_one_line(monkeypatch):
 def test_one_process_keeps_the_traceback_of_a_backend_error():
     with pytest.raises(RuntimeError, match="Connection reset by peer"):
         raising(GLOO_RESET)()
+
+
+def test_ranks_of_each_start_are_named_as_spans():
+    assert [vilbert.training._ranks(r) for r in ([3], [8, 9, 10, 11], [1, 4])] == ["rank 3", "ranks 8-11", "ranks 1,4"]

@@ -19,7 +19,8 @@ from training_support import PROJECT
 SKIPPED = (
     (r"\bpip install\b", "installs packages (the test runs in the installed environment)"),
     (r"-m pytest\b", "the test suite itself"),
-    (r"paddle\.distributed\.launch", "needs GPUs"),
+    (r"paddle\.distributed\.launch", "several processes or machines (tests/test_distributed.py and "
+                                     "tests/test_multinode.py launch them)"),
     (r"download_dataset\.sh(?!.*--check)", "downloads (needs the internet)"),
     (r"download_dataset\.sh(?!.*--dataroot data/demo)", "audits the real data root"),
     (r"\bscript/", "another repository's script"),

@@ -1,7 +1,7 @@
 """Process-wide CPU settings for Paddle, measured on this project's 2-core AMD EPYC machine.
 
 - Threads: Paddle's CPU wheel runs on one thread unless told otherwise. `MKL_NUM_THREADS` (default: the CPUs
-  this process may use) sets MKL's threads (matmuls), Paddle's OpenMP threads (other kernels) and those of
+  this process may use, shared among the ranks of a launch) sets MKL's threads (matmuls), Paddle's OpenMP threads (other kernels) and those of
   BertAdam's CPU update (`cpu_threads`). `OMP_NUM_THREADS` cannot serve: importing Paddle sets it to 1 when
   unset (and warns when it is above 1), so its value would depend on what was imported first.
 - MKL takes a slow generic path on AMD CPUs unless `MKL_DEBUG_CPU_TYPE=5`: with both, a 800x1024x1024 matmul
@@ -31,8 +31,14 @@ def set_cpu_defaults() -> None:
 
 
 def available_cpus() -> int:
-    """The CPUs this process may run on (its affinity mask: what a job scheduler or `taskset` granted)."""
-    return len(os.sched_getaffinity(0))
+    """The CPUs this process may use: those it may run on (its affinity mask: what a job scheduler or `taskset`
+    granted), shared with the other ranks `paddle.distributed.launch` started on this machine (`PADDLE_LOCAL_SIZE`),
+    so that 2 ranks on 2 cores take one each instead of each running 2 threads on both."""
+    try:
+        ranks = max(1, int(os.environ.get("PADDLE_LOCAL_SIZE", "1")))
+    except ValueError:
+        ranks = 1
+    return max(1, len(os.sched_getaffinity(0)) // ranks)
 
 
 def cpu_threads() -> int:

@@ -294,10 +294,21 @@ def _check_every_rank_starts_at(start_epoch: int, options: RunOptions) -> None:
     starts: list = []
     dist.all_gather_object(starts, (start_epoch, socket.gethostname()))
     if len({epoch for epoch, _ in starts}) > 1:
-        where = ", ".join(f"rank {rank} ({host}) at epoch {epoch}" for rank, (epoch, host) in enumerate(starts))
+        groups: dict = {}
+        for rank, start in enumerate(starts):
+            groups.setdefault(start, []).append(rank)
+        where = "; ".join(f"{host}: {_ranks(ranks)} at epoch {epoch}" for (epoch, host), ranks in groups.items())
         raise OptionsError(f"--resume {options.resume}: the ranks start at different epochs ({where}), as they "
                            f"do not all see the same {options.run_dir}; put --output_dir on a filesystem every node "
                            f"shares, or copy the run folder to every node before resuming")
+
+
+def _ranks(ranks: list) -> str:
+    """'rank 3', 'ranks 8-15' (a node's ranks are consecutive), else 'ranks 1,4'."""
+    if len(ranks) == 1:
+        return f"rank {ranks[0]}"
+    consecutive = ranks == list(range(ranks[0], ranks[-1] + 1))
+    return f"ranks {ranks[0]}-{ranks[-1]}" if consecutive else f"ranks {','.join(map(str, ranks))}"
 
 
 def _read_history(path: Path, before: int) -> list:
