@@ -133,6 +133,7 @@ def test_evaluation_over_2_ranks_equals_1_process(task, request, tmp_path, capsy
     log = [line.replace(str(two), str(one)) for line in (logs / "workerlog.0").read_text().splitlines()]
     assert table_one[0] in log, log[-20:]  # Paddle 2.6 logs its store's shutdown after the table
     assert log[log.index(table_one[0]):][:2] == table_one
+    print(f"\n{task}, 1 process and 2 ranks: {table_one[0]}\n{table_one[1]}")
     predictions = json.loads((one / written).read_text())
     assert_close(json.loads((two / written).read_text()), predictions)  # scores of other batches: float rounding
     assert len(predictions) > 20 and not (logs / "workerlog.1").read_text().count(table_one[0])
