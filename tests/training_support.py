@@ -10,6 +10,7 @@ import numpy as np
 import paddle
 import pytest
 
+import train
 from vilbert.demo_data import make_demo_dataset
 from vilbert.model import VILBertForVLTasks
 
@@ -99,11 +100,43 @@ train.main()
 '''
 
 
-def head_dropout_off(monkeypatch) -> None:
-    """In this process, what LAUNCHER does in a launched one."""
-    init = VILBertForVLTasks.__init__
-    monkeypatch.setattr(VILBertForVLTasks, "__init__",
-                        lambda self, config, dropout_prob=0.1, **heads: init(self, config, dropout_prob=0.0, **heads))
+def agreeing_runs(folder, num_train_epochs: int):
+    """(flags(name, **overrides), the model config) of runs that must agree number for number, each in
+    `folder`/<name>/run: the tiny root (60 train / 23 val expressions), batches of 8, a model without dropout."""
+    root = make_tiny_root(Path(folder) / "data")
+    model = no_dropout_model(folder)
+
+    def flags(name, **overrides):
+        return run_flags(root, Path(folder) / name, save_name="run", config_file=model,
+                         num_train_epochs=num_train_epochs, batch_size=8, eval_batch_size=8, **overrides)
+    return flags, model
+
+
+def train_here(argv) -> None:
+    """train.py in this process without the REC head's dropout, as LAUNCHER runs it in a launched one."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        init = VILBertForVLTasks.__init__
+        monkeypatch.setattr(VILBertForVLTasks, "__init__", lambda self, config, dropout_prob=0.1, **heads:
+                            init(self, config, dropout_prob=0.0, **heads))
+        train.main(argv)
+
+
+def assert_same_run(run_dir, reference) -> None:
+    """The run in `run_dir` trained what the one in `reference` did: weights to 1e-5, every epoch's val accuracy
+    (over the samples gathered from every rank) equal, its losses and train accuracy to 1e-5 relative."""
+    weights = max_weight_difference(read_weights(Path(reference) / "last.pdparams"),
+                                    read_weights(Path(run_dir) / "last.pdparams"))
+    expected, got = read_metrics(reference), read_metrics(run_dir)
+    keys = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr")
+    metrics = max(abs(m2[key] - m1[key]) for m1, m2 in zip(expected, got) for key in keys)
+    print(f"{Path(run_dir).parent.name} vs {Path(reference).parent.name}: weights max |diff| {weights:.2e}, "
+          f"metrics max |diff| {metrics:.2e}")
+    assert weights < 1e-5
+    assert [m["epoch"] for m in got] == [m["epoch"] for m in expected]
+    for m1, m2 in zip(expected, got):
+        assert m2["val_accuracy"] == m1["val_accuracy"]
+        for key in keys:
+            assert m2[key] == pytest.approx(m1[key], rel=1e-5), key
 
 
 def write_launcher(folder) -> Path:

@@ -27,7 +27,7 @@ from pyutils.refer import AnnotationError
 from .checkpoint import CheckpointError, load_pretrained, read_training_state, save_checkpoint
 from .config import ConfigError, ViLBertConfig
 from .engine import EpochBatchSampler, NonFiniteLossError, evaluate, train_one_epoch
-from .features import FeaturesError, ImageNotInFeatures, open_features
+from .features import FeaturesError, ImageNotInFeatures
 from .fileio import atomic_path, atomic_write
 from .loader import BatchLoader
 from .model import VILBertForVLTasks, ViLBertOutput
