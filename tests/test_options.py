@@ -102,6 +102,12 @@ def test_missing_or_broken_task_config_says_so(tmp_path):
     (["--tokenization", "bert"], "tokenization=.bert. must be one of beta, 12in1"),
     (["--num_train_epochs", "0"], "num_train_epochs=0 must be >= 1"),
     (["--warmup_proportion", "1.5"], r"warmup_proportion=1.5 must be in \[0, 1\]"),
+    (["--gradient_accumulation_steps", "0"], "^gradient_accumulation_steps=0 must be >= 1$"),
+    (["--learning_rate", "-1"], "^learning_rate=-1.0 must be > 0$"),
+    (["--head_learning_rate", "0"], "^head_learning_rate=0.0 must be > 0$"),
+    (["--learning_rate", "nan"], "^learning_rate=nan must be > 0$"),
+    (["--weight_decay", "-0.01"], "^weight_decay=-0.01 must be >= 0$"),
+    (["--device", "tpu"], "^device='tpu' must be auto, gpu or cpu$"),
 ])
 def test_values_are_validated(argv, message):
     with pytest.raises(OptionsError, match=message):

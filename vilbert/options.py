@@ -156,9 +156,16 @@ class RunOptions:
                      "max_seq_length", "max_region_num"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} must be >= 1")
-        if self.batch_size % self.gradient_accumulation_steps:
+        if self.gradient_accumulation_steps >= 1 and self.batch_size % self.gradient_accumulation_steps:
             problems.append(f"batch_size={self.batch_size} is not a multiple of "
                             f"gradient_accumulation_steps={self.gradient_accumulation_steps}")
+        for name in ("learning_rate", "head_learning_rate", "lr_gamma", "max_grad_norm", "adam_epsilon"):
+            if not getattr(self, name) > 0:  # also NaN
+                problems.append(f"{name}={getattr(self, name)} must be > 0")
+        if not self.weight_decay >= 0:
+            problems.append(f"weight_decay={self.weight_decay} must be >= 0")
+        if self.device not in ("auto", "gpu", "cpu"):
+            problems.append(f"device={self.device!r} must be auto, gpu or cpu")
         if not 0 <= self.warmup_proportion <= 1:
             problems.append(f"warmup_proportion={self.warmup_proportion} must be in [0, 1]")
         if self.num_workers < 0:
