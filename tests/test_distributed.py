@@ -61,7 +61,7 @@ def test_only_rank_0_writes_and_logs(two_processes):
     run_dir, logs = two_processes
     assert sorted(p.name for p in run_dir.parent.iterdir()) == ["run"]
     assert sorted(p.name for p in run_dir.iterdir()) == [
-        "best.pdparams", "config.yaml", "curves.png", "last.pdparams", "metrics.jsonl"]
+        ".run.lock", "best.pdparams", "config.yaml", "curves.png", "last.pdparams", "metrics.jsonl"]
     assert len(read_metrics(run_dir)) == 1
     rank0, rank1 = (logs / "workerlog.0").read_text(), (logs / "workerlog.1").read_text()
     assert "Device: cpu x 2; 60 train / 23 val expressions; batch 8 = 2 device(s) x 1 step(s) x 4; " \

@@ -2,9 +2,15 @@
 and writing its predictions, predict.py's box and picture; and per-batch padding (collate) changing no number."""
 
 import contextlib
+import fcntl
 import io
 import json
+import os
 import re
+import shutil
+import subprocess
+import sys
+import time
 
 import numpy as np
 import paddle
@@ -13,6 +19,7 @@ import pytest
 import eval as eval_script
 import predict
 import train
+from test_errors import one_line_error
 from training_support import TEST_MODEL, make_tiny_root, read_metrics, read_weights, run_flags
 from vilbert.config import ViLBertConfig
 from vilbert.dataset import collate
@@ -45,7 +52,7 @@ def run(root, tmp_path_factory):
 def test_run_directory_holds_config_metrics_curves_and_checkpoints(run, root):
     run_dir, _ = run
     assert sorted(p.name for p in run_dir.iterdir()) == [
-        "best.pdparams", "config.yaml", "curves.png", "last.pdparams", "metrics.jsonl"]
+        ".run.lock", "best.pdparams", "config.yaml", "curves.png", "last.pdparams", "metrics.jsonl"]
     config = load_task_config(run_dir / "config.yaml")  # the resolved options, loadable as a task config
     assert RunOptions(**config).run_dir == run_dir
     assert config["config_file"] == str(TEST_MODEL) and config["num_train_epochs"] == 2
@@ -146,3 +153,96 @@ def test_datasets_build_the_float16_feature_cache_on_first_use_unless_told_not_t
     assert sorted(path.name for path in root.glob("*.cache")) == [
         "refcoco+_gt_resnet101_faster_rcnn_genome.lmdb.cache", "refcoco+_resnet101_faster_rcnn_genome.lmdb.cache"]
     assert data.det_features.dtype == data.gt_features.dtype == np.float16
+
+
+# ---- the run directory belongs to one run ------------------------------------------------------------------------
+def finished_copy(run, tmp_path):
+    """A copy of the finished run in `tmp_path`/runs/e2e, and its files' (size, mtime) to see that none changed."""
+    copy = shutil.copytree(run[0], tmp_path / "runs" / "e2e", ignore=shutil.ignore_patterns(".run.lock"))
+    return copy, {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in copy.iterdir()}
+
+
+def test_a_new_run_into_a_finished_one_is_refused(run, root, tmp_path):
+    copy, before = finished_copy(run, tmp_path)
+    message = one_line_error(train.main, run_flags(root, tmp_path / "runs", save_name="e2e", num_train_epochs=1))
+    assert message == (f"error: {copy} holds a run (2 epoch(s) in metrics.jsonl; config.yaml, metrics.jsonl, "
+                       f"curves.png, last.pdparams, best.pdparams): continue it with --resume auto, give this one "
+                       f"another --save_name, or start over with --overwrite")
+    assert {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in copy.iterdir() if p.name != ".run.lock"} == before
+
+
+def test_overwrite_starts_over(run, root, tmp_path, capsys):
+    copy, _ = finished_copy(run, tmp_path)
+    train.main(run_flags(root, tmp_path / "runs", save_name="e2e", num_train_epochs=1) + ["--overwrite"])
+    assert (f"Starting over in {copy} (--overwrite): removed config.yaml, metrics.jsonl, curves.png, last.pdparams, "
+            f"best.pdparams") in capsys.readouterr().out
+    assert [m["epoch"] for m in read_metrics(copy)] == [0]
+
+
+def test_a_run_directory_in_use_is_refused_at_once(root, tmp_path):
+    run_dir = tmp_path / "runs" / "busy"
+    run_dir.mkdir(parents=True)
+    with open(run_dir / ".run.lock", "w") as lock:  # what a live run holds
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        lock.write("4242 on gpu-node-3\n")
+        lock.flush()
+        started = time.time()
+        message = one_line_error(train.main, run_flags(root, tmp_path / "runs", save_name="busy"))
+    assert message == (f"error: {run_dir} is in use by another run (pid 4242 on gpu-node-3); wait for it to end, "
+                       f"or give this one another --save_name")
+    assert time.time() - started < 5 and sorted(p.name for p in run_dir.iterdir()) == [".run.lock"]
+
+
+def test_temporary_files_of_killed_runs_are_removed(run, root, tmp_path, capsys):
+    copy, _ = finished_copy(run, tmp_path)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()  # a pid no process has now
+    for name in (f".last.pdparams.{dead}.tmp", f".metrics.jsonl.{dead}.tmp.jsonl", f".best.pdparams.{os.getpid()}.tmp"):
+        (copy / name).write_bytes(b"half-written")
+    train.main(run_flags(root, tmp_path / "runs", save_name="e2e", resume="auto"))
+    assert (f"Removed 2 temporary file(s) of a killed run from {copy}: .last.pdparams.{dead}.tmp, "
+            f".metrics.jsonl.{dead}.tmp.jsonl") in capsys.readouterr().out
+    assert sorted(p.name for p in copy.glob(".*.tmp*")) == [f".best.pdparams.{os.getpid()}.tmp"]  # a live one stays
+
+
+def test_an_output_dir_that_cannot_hold_runs(root, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    message = one_line_error(train.main, run_flags(root, tmp_path / "a_file", save_name="x"))
+    assert message == (f"error: --output_dir {tmp_path / 'a_file'}: cannot write the run directory "
+                       f"{tmp_path / 'a_file' / 'x'} (Not a directory); choose a writable folder")
+
+
+# ---- resume continues the recipe it saved ------------------------------------------------------------------------
+def test_resume_refuses_another_recipe_and_names_every_change(run, root, tmp_path):
+    copy, before = finished_copy(run, tmp_path)
+    message = one_line_error(train.main, run_flags(root, tmp_path / "runs", save_name="e2e", resume="auto",
+                                                   batch_size=4, learning_rate=5e-3))
+    assert message == (f"error: --resume {copy / 'last.pdparams'}: the run was trained with another recipe "
+                       f"(batch_size 8 -> 4; learning_rate 0.001 -> 0.005); resume it without those flags (its "
+                       f"config.yaml has its own) or start a new run with another --save_name")
+    assert {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in copy.iterdir() if p.name != ".run.lock"} == before
+
+
+def test_resume_refuses_fewer_epochs_than_done_and_announces_more(run, root, tmp_path, capsys):
+    copy, _ = finished_copy(run, tmp_path)
+    message = one_line_error(train.main, run_flags(root, tmp_path / "runs", save_name="e2e", resume="auto",
+                                                   num_train_epochs=1))
+    assert message == (f"error: --num_train_epochs 1: the run in {copy} has trained 2 epochs already; give at least "
+                       f"2 (it was started with 2)")
+    train.main(run_flags(root, tmp_path / "runs", save_name="e2e", resume="auto", num_train_epochs=3))
+    assert ("Training 3 epochs instead of the 2 the run was started with (--num_train_epochs): its learning-rate "
+            "schedule now spans 3") in capsys.readouterr().out
+    assert [m["epoch"] for m in read_metrics(copy)] == [0, 1, 2]
+    assert load_task_config(copy / "config.yaml")["num_train_epochs"] == 3
+
+
+def test_resume_takes_the_options_of_the_run_it_continues(run, root, tmp_path, capsys):
+    """Only the flags that find the run: the rest (here the tiny model, batch 8, 2 epochs) come from its config.yaml."""
+    copy, _ = finished_copy(run, tmp_path)
+    train.main(["--output_dir", str(tmp_path / "runs"), "--save_name", "e2e", "--resume", "auto",
+                "--num_train_epochs", "3"])
+    out = capsys.readouterr().out
+    assert "Resumed from" in out and "continuing at epoch 2" in out
+    assert load_task_config(copy / "config.yaml") == {**load_task_config(run[0] / "config.yaml"),
+                                                      "num_train_epochs": 3, "resume": "auto",
+                                                      "output_dir": str(tmp_path / "runs")}

@@ -8,6 +8,7 @@ What several processes would otherwise all do (build a cache, fetch a data root)
 import errno
 import fcntl
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Union
@@ -27,13 +28,38 @@ def atomic_path(path: Union[str, os.PathLike]) -> Iterator[Path]:
         raise
 
 
+_TEMPORARY = re.compile(r"^\..+\.(\d+)\.tmp(\.\w+)?$")  # atomic_path's (and save_checkpoint's) names
+
+
+def remove_stale_temporaries(folder: Union[str, os.PathLike]) -> list:
+    """Removes the temporary files of `atomic_path` in `folder` whose process is gone (killed mid-write) and
+    returns their names; those of live processes are left alone."""
+    removed = []
+    for path in sorted(Path(folder).glob(".*.tmp*")):
+        match = _TEMPORARY.match(path.name)
+        if match and not _alive(int(match.group(1))):
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def atomic_write(path: Union[str, os.PathLike], data: Union[str, bytes]) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data.encode() if isinstance(data, str) else data)
 
 
 # What flock raises where the filesystem has no locks (an NFS mount without its lock service, Lustre without -o flock)
-_NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 
 
 @contextmanager
@@ -54,7 +80,7 @@ def file_lock(path: Union[str, os.PathLike], waiting: str) -> Iterator[None]:
             print(waiting, flush=True)
             fcntl.flock(lock, fcntl.LOCK_EX)
         except OSError as error:
-            if error.errno not in _NO_LOCKS:
+            if error.errno not in NO_LOCKS:
                 raise
             locked = False
             print(f"Note: {path.parent} has no file locks ({error.strerror}); this process does the work "

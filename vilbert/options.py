@@ -138,7 +138,10 @@ class RunOptions:
     save_name: str = option("", "the run directory's name; empty: <dataset>_<config_file stem>", used_by=(TRAIN,),
                             metavar="NAME")
     resume: str = option("", "a run's last.pdparams to continue, or auto: continue <output_dir>/<save_name> if it "
-                         "has one, else start fresh", used_by=(TRAIN,), metavar="{auto,CKPT}")
+                         "has one, else start fresh; the run's config.yaml gives the options", used_by=(TRAIN,),
+                         metavar="{auto,CKPT}")
+    overwrite: bool = option(False, "start over in a run directory that holds a finished or stopped run, "
+                             "removing its files (without it, such a directory is refused)", used_by=(TRAIN,))
 
     def validate(self) -> None:
         from .tasks import TASKS  # here, not at the top: the tasks import this module
@@ -265,6 +268,7 @@ def parse_options(parser: argparse.ArgumentParser, argv=None, config_beside_chec
 
     With `config_beside_checkpoint`, a `config.yaml` next to `--from_pretrained` (a run directory of ours)
     is the YAML unless `--task_config` is given, so a checkpoint is evaluated with the options it was trained with.
+    Likewise `--resume` takes the resumed run's own `config.yaml` as the YAML, so a run continues its recipe.
     """
     from .tasks import TASKS  # here, not at the top: the tasks import this module
 
@@ -277,6 +281,18 @@ def parse_options(parser: argparse.ArgumentParser, argv=None, config_beside_chec
         task_config = beside if beside.exists() else None
     if not task_config:
         task_config = PROJECT_ROOT / "config" / TASKS[args.task or "refer"].configs[bool(args.demo)]
+    options = _options(task_config, args)
+    resumed = getattr(args, "resume", None)
+    if resumed and not args.task_config:
+        saved = (options.run_dir if resumed == "auto" else Path(resumed).parent) / "config.yaml"
+        if saved.exists():
+            options = _options(saved, args)
+    options.validate()
+    return options, args
+
+
+def _options(task_config, args) -> "RunOptions":
+    """The options of the YAML `task_config` with the flags given in `args` over them."""
     values = load_task_config(task_config)
     if args.task is not None and values.get("task", "refer") != args.task:
         raise OptionsError(f"--task {args.task} does not match {task_config}, a {values.get('task', 'refer')} "
@@ -286,9 +302,7 @@ def parse_options(parser: argparse.ArgumentParser, argv=None, config_beside_chec
     for f in dataclasses.fields(RunOptions):  # a flag the script does not offer is not in `args`
         if getattr(args, f.name, None) is not None:
             values[f.name] = getattr(args, f.name)
-    options = RunOptions(**values)
-    options.validate()
-    return options, args
+    return RunOptions(**values)
 
 
 def _shown(value) -> str:

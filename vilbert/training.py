@@ -10,8 +10,10 @@ boundary continues exactly as if it had never stopped.
 
 import contextlib
 import dataclasses
+import fcntl
 import functools
 import json
+import os
 import random
 import socket
 import time
@@ -28,7 +30,7 @@ from .checkpoint import CheckpointError, load_pretrained, read_training_state, s
 from .config import ConfigError, ViLBertConfig
 from .engine import EpochBatchSampler, NonFiniteLossError, evaluate, train_one_epoch
 from .features import FeaturesError, ImageNotInFeatures
-from .fileio import atomic_path, atomic_write
+from .fileio import NO_LOCKS, atomic_path, atomic_write, remove_stale_temporaries
 from .loader import BatchLoader
 from .model import VILBertForVLTasks, ViLBertOutput
 from .optimization import BertAdam, build_param_groups, describe_param_groups
@@ -198,6 +200,70 @@ def fit(options: RunOptions) -> dict:
     """Fine-tune, evaluate every epoch, keep the best and the last checkpoint; returns the last metrics."""
     device = setup_device(options)
     options = localize_paths(options)
+    with claimed_run_dir(options):
+        return _fit(options, device)
+
+
+# What a run writes into its directory: a directory holding any of these holds a run.
+RUN_FILES = ("config.yaml", "metrics.jsonl", "curves.png", "last.pdparams", "best.pdparams")
+
+
+@contextlib.contextmanager
+def claimed_run_dir(options: RunOptions):
+    """The run directory, held by this run: rank 0 locks it for the whole run (a second run into it is refused at
+    once, not after its data is loaded), refuses to start over a run there unless told to resume it or to
+    --overwrite it, and removes the temporary files of killed runs. Every rank stops on rank 0's refusal."""
+    run_dir, problem = options.run_dir, None
+    with contextlib.ExitStack() as held:
+        if is_main_process():
+            try:
+                problem = _claim(run_dir, options, held)
+            except OSError as error:
+                problem = (f"--output_dir {options.output_dir}: cannot write the run directory {run_dir} "
+                           f"({error.strerror or error}); choose a writable folder")
+        if dist.get_world_size() > 1:
+            problems: list = []
+            dist.all_gather_object(problems, problem)
+            problem = problems[0]
+        if problem:
+            raise OptionsError(problem)
+        yield
+
+
+def _claim(run_dir: Path, options: RunOptions, held: contextlib.ExitStack) -> "str | None":
+    """Rank 0's part of `claimed_run_dir`: the reason it cannot have the directory, or None once it holds it."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = held.enter_context(open(run_dir / ".run.lock", "a+"))
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "?"
+        return (f"{run_dir} is in use by another run (pid {holder}); wait for it to end, or give this one another "
+                f"--save_name")
+    except OSError as error:
+        if error.errno not in NO_LOCKS:
+            raise
+        print(f"Note: {run_dir} has no file locks ({error.strerror}): nothing stops a second run into it", flush=True)
+    lock.truncate(0)
+    lock.write(f"{os.getpid()} on {socket.gethostname()}\n")
+    lock.flush()
+    present = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if present and not options.resume:
+        if not options.overwrite:
+            epochs = len(_read_history(run_dir / "metrics.jsonl", before=10 ** 9))
+            return (f"{run_dir} holds a run ({epochs} epoch(s) in metrics.jsonl; {', '.join(present)}): continue it "
+                    f"with --resume auto, give this one another --save_name, or start over with --overwrite")
+        for name in present:
+            (run_dir / name).unlink()
+        print(f"Starting over in {run_dir} (--overwrite): removed {', '.join(present)}", flush=True)
+    stale = remove_stale_temporaries(run_dir)
+    if stale:
+        print(f"Removed {len(stale)} temporary file(s) of a killed run from {run_dir}: {', '.join(stale)}", flush=True)
+    return None
+
+
+def _fit(options: RunOptions, device: str) -> dict:
     main = is_main_process()
     log = functools.partial(print, flush=True) if main else (lambda *a, **k: None)  # flushed: logs go to files
     task = get_task(options.task)
@@ -224,11 +290,12 @@ def fit(options: RunOptions) -> dict:
     start_epoch, best = 0, {metric: -1.0, "epoch": -1}
     if resume_path:
         state = read_training_state(resume_path)
+        start_epoch, best = state["epoch"] + 1, state["best"]
+        _check_recipe(state.get("options", {}), options, start_epoch, resume_path, log)
         model.set_state_dict(state["model"])
         optimizer.set_state_dict(state["optimizer"])
         if scaler and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        start_epoch, best = state["epoch"] + 1, state["best"]
         log(f"Resumed from {resume_path}: continuing at epoch {start_epoch}")
     _check_every_rank_starts_at(start_epoch, options)
     if main:
@@ -284,6 +351,33 @@ def _resume_path(options: RunOptions):
     if options.resume == "auto":
         return None  # nothing to resume yet: start fresh
     raise FileNotFoundError(f"--resume {path}: no such checkpoint (use --resume auto to start fresh if none)")
+
+
+# What a resumed run must keep: the model, its inputs, the data splits and the optimizer's recipe. What may change:
+# where things are, how batches are computed (devices, accumulation, workers, precision), and the epoch count.
+RECIPE = ("task", "dataset", "train_split", "val_split", "max_seq_length", "max_region_num", "tokenization",
+          "feature_extractor", "config_file", "task_id", "classifier", "batch_size", "learning_rate",
+          "head_learning_rate", "head_patterns", "weight_decay", "decay_patterns", "warmup_proportion", "lr_milestones",
+          "lr_gamma", "max_grad_norm", "adam_epsilon", "seed")
+
+
+def _check_recipe(saved: dict, options: RunOptions, start_epoch: int, resume_path: Path, log) -> None:
+    """Resuming continues the saved run: a changed recipe is refused (the result would be neither run), more epochs
+    are announced (the schedule then spans them), fewer than those done are refused."""
+    changed = [f"{key} {saved[key]!r} -> {getattr(options, key)!r}" for key in RECIPE
+               if key in saved and saved[key] != getattr(options, key)]
+    if changed:
+        raise OptionsError(f"--resume {resume_path}: the run was trained with another recipe ({'; '.join(changed)}); "
+                           f"resume it without those flags (its config.yaml has its own) or start a new run with "
+                           f"another --save_name")
+    planned = saved.get("num_train_epochs", options.num_train_epochs)
+    if options.num_train_epochs < start_epoch:
+        raise OptionsError(f"--num_train_epochs {options.num_train_epochs}: the run in {resume_path.parent} has "
+                           f"trained {start_epoch} epochs already; give at least {start_epoch} (it was started with "
+                           f"{planned})")
+    if options.num_train_epochs != planned:
+        log(f"Training {options.num_train_epochs} epochs instead of the {planned} the run was started with "
+            f"(--num_train_epochs): its learning-rate schedule now spans {options.num_train_epochs}")
 
 
 def _check_every_rank_starts_at(start_epoch: int, options: RunOptions) -> None:
