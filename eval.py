@@ -22,6 +22,7 @@ from pathlib import Path
 
 import vilbert  # noqa: F401  (sets CPU threading defaults before paddle loads)
 from vilbert.engine import evaluate
+from vilbert.fileio import atomic_write
 from vilbert.options import build_parser, parse_options
 from vilbert.tasks import get_task
 from vilbert.tokenization import BertTokenizer
@@ -46,7 +47,7 @@ def main(argv=None):
     tokenizer = BertTokenizer(options.bert_model)
     model = build_model(options, options.from_pretrained)
     checkpoint = Path(options.from_pretrained)
-    rows = []
+    rows, files, drawn = [], {}, []
     for split in splits:
         dataset = build_dataset(options, split, tokenizer)
         with out_of_memory_hint(f"lower --eval_batch_size (now {options.eval_batch_size})"):
@@ -55,12 +56,16 @@ def main(argv=None):
         if is_main_process():
             result.summary.update(task.official_metrics(result.predictions, dataset))
             stem = checkpoint.with_name(f"{checkpoint.stem}_{options.dataset}_{split}")
-            rows.append((split, result.summary, result.count, task.write_results(result.predictions, dataset,
-                                                                                  stem, options)))
-            if args.draw:
-                task.draw(model, dataset, tokenizer, options, args.draw, stem.with_name(f"{stem.name}_pictures"))
+            split_files = task.result_files(result.predictions, dataset, stem, options)
+            rows.append((split, result.summary, result.count, list(split_files)))
+            files.update(split_files)
+            drawn.append((dataset, stem.with_name(f"{stem.name}_pictures")))
     if is_main_process():
-        print("\n" + task.table(rows))
+        print("\n" + task.table(rows), flush=True)  # first: a full disk below loses no number
+        for path, content in files.items():
+            atomic_write(path, content)
+        for dataset, folder in drawn if args.draw else []:
+            task.draw(model, dataset, tokenizer, options, args.draw, folder)
 
 
 if __name__ == "__main__":

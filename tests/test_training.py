@@ -2,10 +2,12 @@
 and writing its predictions, predict.py's box and picture; and per-batch padding (collate) changing no number."""
 
 import contextlib
+import errno
 import fcntl
 import io
 import json
 import os
+import pathlib
 import re
 import shutil
 import subprocess
@@ -158,7 +160,7 @@ def test_datasets_build_the_float16_feature_cache_on_first_use_unless_told_not_t
 # ---- the run directory belongs to one run ------------------------------------------------------------------------
 def finished_copy(run, tmp_path):
     """A copy of the finished run in `tmp_path`/runs/e2e, and its files' (size, mtime) to see that none changed."""
-    copy = shutil.copytree(run[0], tmp_path / "runs" / "e2e", ignore=shutil.ignore_patterns(".run.lock"))
+    copy = shutil.copytree(run[0], tmp_path / "runs" / "e2e", ignore=shutil.ignore_patterns(".run.lock", "*.json"))
     return copy, {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in copy.iterdir()}
 
 
@@ -246,3 +248,24 @@ def test_resume_takes_the_options_of_the_run_it_continues(run, root, tmp_path, c
     assert load_task_config(copy / "config.yaml") == {**load_task_config(run[0] / "config.yaml"),
                                                       "num_train_epochs": 3, "resume": "auto",
                                                       "output_dir": str(tmp_path / "runs")}
+
+
+def test_eval_on_a_full_disk_prints_its_table_then_one_line(run, tmp_path, monkeypatch, capsys):
+    copy, _ = finished_copy(run, tmp_path)
+    (copy / "best_refcoco+_val_predictions.json").write_text("[] (an earlier evaluation's)")
+    write_bytes = pathlib.Path.write_bytes
+
+    def full(path, data):
+        if path.name.startswith(".best_refcoco+_val_predictions.json."):  # the temp file eval.py writes first
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_bytes(path, data)
+
+    monkeypatch.setattr(pathlib.Path, "write_bytes", full)
+    message = one_line_error(eval_script.main, ["--from_pretrained", str(copy / "best.pdparams")])
+    assert message == (f"error: cannot write {copy / 'best_refcoco+_val_predictions.json'}: No space left on device; "
+                       f"free some space or write elsewhere (what was written before is intact: every file is written "
+                       f"whole or not at all)")
+    table = capsys.readouterr().out.strip().splitlines()[-2:]
+    assert table[0].split()[:3] == ["split", "accuracy", "expressions"] and table[1].split()[0] == "val"
+    assert (copy / "best_refcoco+_val_predictions.json").read_text() == "[] (an earlier evaluation's)"
+    assert not list(copy.glob(".*.tmp*"))

@@ -23,8 +23,10 @@ def atomic_path(path: Union[str, os.PathLike]) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         tmp.unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.errno and error.filename in (None, os.fspath(tmp), tmp):
+            raise type(error)(error.errno, error.strerror, os.fspath(path)) from error  # the name the user knows
         raise
 
 

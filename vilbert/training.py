@@ -10,6 +10,7 @@ boundary continues exactly as if it had never stopped.
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import functools
 import json
@@ -55,18 +56,24 @@ USER_ERRORS = (FileNotFoundError, PermissionError, OptionsError, ConfigError, Ch
 
 @contextlib.contextmanager
 def exit_on_user_error():
-    """Turns a `USER_ERRORS` exception into `SystemExit` with its message (what an entry script prints), and so the
-    error of a collective that lost a rank (`lost_rank_message`)."""
+    """Turns a `USER_ERRORS` exception into `SystemExit` with its message (what an entry script prints), and so a
+    full or read-only disk and the error of a collective that lost a rank (`lost_rank_message`)."""
     try:
         yield
     except USER_ERRORS as error:
         raise SystemExit(f"error: {error}") from None
     except (RuntimeError, OSError) as error:
-        message = lost_rank_message(error)
+        message = _full_disk_message(error) or lost_rank_message(error)
         if message is None:
             raise
         raise SystemExit(f"error: {message}") from None
 
+
+def _full_disk_message(error: BaseException) -> "str | None":
+    if not isinstance(error, OSError) or error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        return None
+    return (f"cannot write {error.filename or 'a file'}: {error.strerror}; free some space or write elsewhere "
+            f"(what was written before is intact: every file is written whole or not at all)")
 
 # The backends named by the error of a collective whose peer is gone: gloo's RuntimeError ("Connection reset by
 # peer" when a process dies, "TIMEOUT" when it stops answering), NCCL's (OSError, Paddle's ExternalError).

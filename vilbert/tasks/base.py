@@ -93,8 +93,9 @@ class Task:
         """eval.py --draw: pictures of the first `count` samples."""
         raise OptionsError(f"--draw draws the boxes of referring expressions; {self.title} has none to draw")
 
-    def write_results(self, predictions: List[dict], dataset, stem: Path, options) -> List[Path]:
-        """Files of one evaluated split beside the checkpoint (names start with `stem`); returns their paths."""
+    def result_files(self, predictions: List[dict], dataset, stem: Path, options) -> Dict[Path, str]:
+        """The files of one evaluated split beside the checkpoint (names start with `stem`) and their contents:
+        eval.py prints its table before it writes any of them."""
         raise NotImplementedError
 
     # ---- what predict.py prints and writes ----------------------------------------------------------------

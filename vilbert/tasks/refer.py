@@ -17,7 +17,6 @@ from ..dataset import ReferExpressionDataset, tokenize_expression
 from ..demo_data import make_demo_dataset
 from ..engine import score_regions
 from ..features import open_features
-from ..fileio import atomic_write
 from ..metrics import rec_loss, rec_select
 from ..refer_datasets import DATASETS, UnknownSplitError, check_split
 from ..visualize import draw_prediction
@@ -101,10 +100,8 @@ class ReferTask(Task):
         return {"accuracy": sum(p["correct"] for p in predictions) / n,
                 "upper_bound": sum(p["reachable"] for p in predictions) / n}
 
-    def write_results(self, predictions, dataset, stem: Path, options) -> List[Path]:
-        out = stem.with_name(f"{stem.name}_predictions.json")
-        atomic_write(out, json.dumps(predictions))
-        return [out]
+    def result_files(self, predictions, dataset, stem: Path, options) -> Dict[Path, str]:
+        return {stem.with_name(f"{stem.name}_predictions.json"): json.dumps(predictions)}
 
     def draw(self, model, dataset, tokenizer, options, count: int, folder: Path) -> None:
         """The first `count` expressions: chosen box green, runners-up orange, referred box dashed red."""

@@ -16,7 +16,6 @@ import numpy as np
 
 from .. import vqa_data
 from ..features import open_features
-from ..fileio import atomic_write
 from ..metrics import vqa_loss, vqa_score
 from ..vqa_answers import read_annotations, vqa_accuracy
 from ..vqa_dataset import VQADataset
@@ -120,19 +119,14 @@ class VQATask(Task):
         predicted = {p["question_id"]: p["answer"] for p in predictions}
         return {"vqa_accuracy": vqa_accuracy(predicted, annotations)["overall"]}
 
-    def write_results(self, predictions, dataset, stem: Path, options) -> List[Path]:
+    def result_files(self, predictions, dataset, stem: Path, options) -> Dict[Path, str]:
         """Ours (every field), the EvalAI results file (a list of {question_id, answer}, every question of the
         split once) and beta's `<split>_others.json` (the top 8 answers per question)."""
         files = {"predictions": predictions,
                  "result": [{"question_id": p["question_id"], "answer": p["answer"]} for p in predictions],
                  "others": [{"question_id": p["question_id"], "answer": [a["answer"] for a in p["top_k"]]}
                             for p in predictions]}
-        paths = []
-        for name, content in files.items():
-            path = stem.with_name(f"{stem.name}_{name}.json")
-            atomic_write(path, json.dumps(content))
-            paths.append(path)
-        return paths
+        return {stem.with_name(f"{stem.name}_{name}.json"): json.dumps(content) for name, content in files.items()}
 
     def prediction_line(self, query: dict, value, regions, top_k: int, options) -> dict:
         """The answer and its probability, and the top_k best answers."""
