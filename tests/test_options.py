@@ -94,6 +94,16 @@ def test_missing_or_broken_task_config_says_so(tmp_path):
     (tmp_path / "list.yml").write_text("- 1\n- 2\n")
     with pytest.raises(OptionsError, match="must be a mapping"):
         parse(["--task_config", str(tmp_path / "list.yml")])
+    (tmp_path / "binary.yml").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
+    with pytest.raises(OptionsError, match=r"binary.yml is not a text file \(byte 0 is not UTF-8\)"):
+        parse(["--task_config", str(tmp_path / "binary.yml")])
+    (tmp_path / "empty.yml").write_text("")
+    with pytest.raises(OptionsError, match="empty.yml is empty: give a YAML file of option: value"):
+        parse(["--task_config", str(tmp_path / "empty.yml")])
+    for name in ("broken", "binary", "empty"):  # one line each
+        with pytest.raises(OptionsError) as raised:
+            parse(["--task_config", str(tmp_path / f"{name}.yml")])
+        assert "\n" not in str(raised.value)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -80,12 +80,13 @@ def runs(tmp_path_factory):
         if reason:
             skipped.append((command, reason))
             continue
-        if command not in outputs:  # shown twice (the set-up and the demo section): run once
+        code = command.split("  #")[0].strip()
+        if code not in outputs:  # shown twice (the set-up and the demo section): run once
             result = subprocess.run(["bash", "-c", command], cwd=root, env=environment, capture_output=True,
                                     text=True, timeout=900)
             assert result.returncode == 0, f"{command}\nexit {result.returncode}\n{result.stdout}\n{result.stderr}"
-            outputs[command] = result.stdout
-        ran.append((command, outputs[command], quoted))
+            outputs[code] = result.stdout
+        ran.append((command, outputs[code], quoted))
     print("\n".join([f"ran: {command}" for command, *_ in ran] +
                     [f"skipped ({reason}): {command}" for command, reason in skipped]))
     status = subprocess.run(["git", "status", "--porcelain"], cwd=root, check=True, capture_output=True, text=True)

@@ -193,11 +193,17 @@ def load_task_config(path) -> dict:
     """Read a task YAML and check each key and type against `RunOptions`."""
     try:
         with open(path, encoding="utf-8") as f:
-            values = yaml.safe_load(f) or {}
+            values = yaml.safe_load(f)
     except FileNotFoundError:
         raise OptionsError(f"task config {path} not found (the shipped ones are in config/*.yml)") from None
+    except UnicodeDecodeError as e:
+        raise OptionsError(f"task config {path} is not a text file (byte {e.start} is not UTF-8): give a YAML "
+                           f"file (the shipped ones are in config/*.yml)") from None
     except yaml.YAMLError as e:
-        raise OptionsError(f"task config {path} is not valid YAML: {e}") from None
+        raise OptionsError(f"task config {path} is not valid YAML: {' '.join(str(e).split())}") from None
+    if values is None:
+        raise OptionsError(f"task config {path} is empty: give a YAML file of option: value (a run's config.yaml "
+                           f"is written whole; an empty one was truncated by hand or by another tool)")
     if not isinstance(values, dict):
         raise OptionsError(f"task config {path} must be a mapping of option: value")
     fields = {f.name: f for f in dataclasses.fields(RunOptions)}
