@@ -51,7 +51,7 @@ def ensure_demo_data(options) -> None:
 @exit_on_user_error()
 def main(argv=None):
     options, args = parse_options(build_parser(__doc__, "train"), argv)
-    if args.demo:
+    if args.demo and "://" not in options.dataroot:  # a bucket's demo data is fetched, not generated
         ensure_demo_data(options)
     fit(options)
 

@@ -4,6 +4,7 @@ import json
 import os
 import pickle
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -299,3 +300,17 @@ def test_one_process_keeps_the_traceback_of_a_backend_error():
 
 def test_ranks_of_each_start_are_named_as_spans():
     assert [vilbert.training._ranks(r) for r in ([3], [8, 9, 10, 11], [1, 4])] == ["rank 3", "ranks 8-11", "ranks 1,4"]
+
+
+def test_an_unreachable_s3_data_root_is_one_line(tmp_path, monkeypatch):
+    pytest.importorskip("boto3")
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    for name, value in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "x",
+                        "AWS_SECRET_ACCESS_KEY": "y", "AWS_DEFAULT_REGION": "us-east-1",
+                        "AWS_EC2_METADATA_DISABLED": "true"}.items():
+        monkeypatch.setenv(name, value)
+    message = one_line_error(train.main, ["--demo", "--dataroot", "s3://bucket/demo", "--output_dir",
+                                          str(tmp_path / "out")])
+    assert message.startswith(f"error: s3://bucket/demo: the S3 endpoint http://127.0.0.1:{port} did not answer in ")

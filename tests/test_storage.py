@@ -1,6 +1,8 @@
 """``localize`` against a real S3-compatible HTTP server (moto in server mode) on 127.0.0.1 only."""
 import concurrent.futures
 import os
+import re
+import socket
 import sys
 import time
 import uuid
@@ -8,7 +10,7 @@ import uuid
 import lmdb
 import pytest
 
-from vilbert.storage import localize
+from vilbert.storage import EndpointUnreachable, localize
 
 boto3 = pytest.importorskip("boto3")
 moto_server = pytest.importorskip("moto.server")
@@ -202,3 +204,16 @@ def test_processes_fetching_together_download_once(s3, cache, monkeypatch, capsy
     assert sorted(downloads) == ["root/a.bin", "root/b.bin"]
     assert capsys.readouterr().out.count("Waiting for another process to finish fetching") >= 1
     assert sorted(os.listdir(roots[0])) == [".a.bin.etag", ".b.bin.etag", "a.bin", "b.bin"]
+
+
+def test_an_unreachable_endpoint_is_one_line_saying_how_long_it_tried(s3, cache, monkeypatch):
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    with pytest.raises(EndpointUnreachable) as raised:
+        localize("s3://bucket/model.bin", cache_dir=cache)
+    message = str(raised.value)
+    assert re.fullmatch(rf"s3://bucket/model.bin: the S3 endpoint http://127.0.0.1:{port} did not answer in "
+                        rf"\d+\.\d s \(Could not connect to the endpoint URL: .*\); check AWS_ENDPOINT_URL and the "
+                        rf"network", message), message

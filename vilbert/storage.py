@@ -10,6 +10,7 @@ credentials come from the usual boto3 configuration, so ``AWS_ENDPOINT_URL`` sel
 import hashlib
 import os
 import tempfile
+import time
 
 from .fileio import atomic_write, file_lock
 
@@ -47,13 +48,20 @@ def localize(path: str, cache_dir: str | None = None, endpoint_url: str | None =
     return local
 
 
+class EndpointUnreachable(ConnectionError):
+    """The S3 endpoint did not answer (wrong AWS_ENDPOINT_URL, no network, a firewall)."""
+
+
 def _client(endpoint_url):
-    """A fresh session, not boto3's shared default one, so credentials set after it was first used count."""
+    """A fresh session, not boto3's shared default one, so credentials set after it was first used count.
+    Connecting gives up after 3 attempts of 10 s (boto3's defaults, 5 of 60 s, make a dead endpoint 5 minutes)."""
     try:
         import boto3
+        from botocore.config import Config
     except ImportError as err:
         raise ImportError("s3:// paths need boto3: pip install boto3") from err
-    return boto3.session.Session().client("s3", endpoint_url=endpoint_url)
+    config = Config(connect_timeout=10, retries={"max_attempts": 3, "mode": "standard"})
+    return boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
 
 
 def _list_objects(client, path, bucket, key):
@@ -62,7 +70,9 @@ def _list_objects(client, path, bucket, key):
     An object wins over a prefix of the same name; "folder/" markers are skipped.
     """
     from botocore.exceptions import ClientError, NoCredentialsError
+    from botocore.exceptions import ConnectionError as BotoConnectionError
 
+    started = time.time()
     try:
         if key and not key.endswith("/"):
             try:
@@ -80,6 +90,10 @@ def _list_objects(client, path, bucket, key):
                     objects.append((rel, obj["Key"], obj["Size"], obj["ETag"]))
     except NoCredentialsError as err:
         raise PermissionError(f"{path}: no AWS credentials found; {_CREDENTIALS_HINT}") from err
+    except BotoConnectionError as err:
+        raise EndpointUnreachable(f"{path}: the S3 endpoint {client.meta.endpoint_url} did not answer in "
+                                  f"{time.time() - started:.1f} s ({err}); check AWS_ENDPOINT_URL and the "
+                                  f"network") from err
     except ClientError as err:
         if _status(err) == 404:
             raise FileNotFoundError(f"{path}: no such object or prefix (bucket or key not found)") from err

@@ -37,7 +37,7 @@ from .model import VILBertForVLTasks, ViLBertOutput
 from .optimization import BertAdam, build_param_groups, describe_param_groups
 from .options import OptionsError, RunOptions, resolve_device
 from .refer_datasets import UnknownSplitError
-from .storage import localize
+from .storage import EndpointUnreachable, localize
 from .tasks import get_task
 from .tokenization import BertTokenizer
 from .vqa_data import VQADataError
@@ -51,7 +51,7 @@ class OutOfMemoryError(MemoryError):
 # entry scripts report these as one line instead of a traceback.
 USER_ERRORS = (FileNotFoundError, PermissionError, OptionsError, ConfigError, CheckpointError, FeaturesError,
                ImageNotInFeatures, NonFiniteLossError, OutOfMemoryError, AnnotationError, UnknownSplitError,
-               VQADataError)
+               VQADataError, EndpointUnreachable)
 
 
 @contextlib.contextmanager
