@@ -262,6 +262,17 @@ def test_failed_build_leaves_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
 
 
+def test_nan_features_are_named_as_damage_not_as_a_range(tmp_path):
+    broken = random_features(np.random.default_rng(0), 1)
+    broken[0, 7] = np.nan
+    path = write_lmdb(tmp_path / "f", {1: feature_record(1, 10, 10, [[0, 0, 5, 5]], broken)})
+    for float16 in (True, False):
+        with pytest.raises(FeaturesError, match=r"^image id 1 of .* has NaN or infinite features: the LMDB is damaged "
+                                                r"there; extract that image again"):
+            build_feature_cache(path, float16=float16, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
+
+
 def test_cli_builds_the_default_cache(two_layouts, capsys):
     from tools.build_feature_cache import main
 
@@ -335,8 +346,8 @@ def test_read_only_lmdb_folder_puts_the_cache_under_the_cache_folder(two_layouts
 def test_not_enough_disk_space_is_one_clear_error(two_layouts, monkeypatch):
     path = two_layouts[0]["beta"]
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
-    with pytest.raises(FeaturesError, match=r"not enough disk space for the feature cache .* needs about 0\.0 GiB "
-                                            r"and .* has 0\.0 GiB free; .* --no-build_feature_cache"):
+    with pytest.raises(FeaturesError, match=r"not enough disk space for the feature cache .* needs about \d+\.\d MiB "
+                                            r"and .* has 1 KiB free; .* --no-build_feature_cache"):
         open_features(path, build=True)
     assert not default_cache_path(path).exists()
 

@@ -322,6 +322,9 @@ def build_feature_cache(lmdb_path, out=None, *, float16: bool = False, progress:
         for key in progress_bar(reader.keys(), f"Caching {os.path.basename(reader.path)}", enabled=progress,
                                 unit="images"):
             region = reader[key.decode()]
+            if not np.isfinite(region.features).all():
+                raise FeaturesError(f"image id {key.decode()} of {reader.path} has NaN or infinite features: the "
+                                    f"LMDB is damaged there; extract that image again (tools/convert_features.py)")
             with np.errstate(over="ignore"):  # checked just below
                 features = region.features.astype(dtype)
             if float16 and not np.isfinite(features).all():
@@ -359,9 +362,17 @@ def _check_disk_space(reader: ImageFeaturesReader, out: Path, dtype: np.dtype) -
     out.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(out.parent).free
     if free < needed:
-        raise FeaturesError(f"not enough disk space for the feature cache {out}: it needs about {needed / 2**30:.1f} "
-                            f"GiB and {out.parent} has {free / 2**30:.1f} GiB free; free some space, or read the "
-                            f"LMDB directly, more slowly, with --no-build_feature_cache")
+        raise FeaturesError(f"not enough disk space for the feature cache {out}: it needs about {_size(needed)} and "
+                            f"{out.parent} has {_size(free)} free; free some space, or read the LMDB directly, more "
+                            f"slowly, with --no-build_feature_cache")
+
+
+def _size(count: int) -> str:
+    """A byte count as people read it: 3.2 GiB, 45.0 MiB, 812 KiB (never "0.0 GiB")."""
+    for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count / 1024:.0f} KiB"
 
 
 class FeatureCache(_KeyedStore):
