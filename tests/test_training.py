@@ -158,19 +158,31 @@ def test_datasets_build_the_float16_feature_cache_on_first_use_unless_told_not_t
 
 
 # ---- the run directory belongs to one run ------------------------------------------------------------------------
+def files_of(run_dir) -> dict:
+    """The run's files, name -> (size, mtime): to see that none changed."""
+    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in run_dir.iterdir() if p.name != ".run.lock"}
+
+
 def finished_copy(run, tmp_path):
-    """A copy of the finished run in `tmp_path`/runs/e2e, and its files' (size, mtime) to see that none changed."""
+    """A copy of the finished run in `tmp_path`/runs/e2e, and its `files_of`."""
     copy = shutil.copytree(run[0], tmp_path / "runs" / "e2e", ignore=shutil.ignore_patterns(".run.lock", "*.json"))
-    return copy, {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in copy.iterdir()}
+    return copy, files_of(copy)
 
 
-def test_a_new_run_into_a_finished_one_is_refused(run, root, tmp_path):
+@pytest.mark.parametrize("flags, expected", [
+    ({"num_train_epochs": 1}, "error: {copy} holds a run (2 epoch(s) in metrics.jsonl; config.yaml, metrics.jsonl, "
+                              "curves.png, last.pdparams, best.pdparams): continue it with --resume auto, give this "
+                              "one another --save_name, or start over with --overwrite"),
+    ({"resume": "auto", "batch_size": 4, "learning_rate": 5e-3},
+     "error: --resume {copy}/last.pdparams: the run was trained with another recipe (batch_size 8 -> 4; "
+     "learning_rate 0.001 -> 0.005); resume it without those flags (its config.yaml has its own) or start a new run "
+     "with another --save_name"),
+], ids=["a new run over a finished one", "resume with another recipe"])
+def test_a_finished_run_is_kept(run, root, tmp_path, flags, expected):
     copy, before = finished_copy(run, tmp_path)
-    message = one_line_error(train.main, run_flags(root, tmp_path / "runs", save_name="e2e", num_train_epochs=1))
-    assert message == (f"error: {copy} holds a run (2 epoch(s) in metrics.jsonl; config.yaml, metrics.jsonl, "
-                       f"curves.png, last.pdparams, best.pdparams): continue it with --resume auto, give this one "
-                       f"another --save_name, or start over with --overwrite")
-    assert {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in copy.iterdir() if p.name != ".run.lock"} == before
+    message = one_line_error(train.main, run_flags(root, tmp_path / "runs", save_name="e2e", **flags))
+    assert message == expected.format(copy=copy)
+    assert files_of(copy) == before
 
 
 def test_overwrite_starts_over(run, root, tmp_path, capsys):
@@ -215,16 +227,6 @@ def test_an_output_dir_that_cannot_hold_runs(root, tmp_path):
 
 
 # ---- resume continues the recipe it saved ------------------------------------------------------------------------
-def test_resume_refuses_another_recipe_and_names_every_change(run, root, tmp_path):
-    copy, before = finished_copy(run, tmp_path)
-    message = one_line_error(train.main, run_flags(root, tmp_path / "runs", save_name="e2e", resume="auto",
-                                                   batch_size=4, learning_rate=5e-3))
-    assert message == (f"error: --resume {copy / 'last.pdparams'}: the run was trained with another recipe "
-                       f"(batch_size 8 -> 4; learning_rate 0.001 -> 0.005); resume it without those flags (its "
-                       f"config.yaml has its own) or start a new run with another --save_name")
-    assert {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in copy.iterdir() if p.name != ".run.lock"} == before
-
-
 def test_resume_refuses_fewer_epochs_than_done_and_announces_more(run, root, tmp_path, capsys):
     copy, _ = finished_copy(run, tmp_path)
     message = one_line_error(train.main, run_flags(root, tmp_path / "runs", save_name="e2e", resume="auto",
