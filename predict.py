@@ -57,6 +57,8 @@ def read_queries(path, parser, field: str) -> list:
                              f'got {line.strip()[:80]}')
             if not str(query["image_id"]).isdigit():
                 parser.error(f"{path} line {number}: image_id {query['image_id']!r} is not an integer")
+            if not isinstance(query[field], str) or not query[field].strip():
+                parser.error(f"{path} line {number}: {field} {query[field]!r} is not a non-empty string")
             queries.append(dict(query, image_id=int(query["image_id"])))
     if not queries:
         parser.error(f"{path} holds no queries")

@@ -144,6 +144,7 @@ def test_drawn_on_a_jpeg_photo(converted, beta_model, tmp_path, capsys):
     ("{not json\n", "q.jsonl line 1 is not JSON"),
     ('{"image_id": 1}\n', 'q.jsonl line 1: expected {"image_id": ..., "expression": "..."}'),
     ('{"image_id": "x1", "expression": "dog"}\n', "q.jsonl line 1: image_id 'x1' is not an integer"),
+    ('{"image_id": 1, "expression": 5}\n', "q.jsonl line 1: expression 5 is not a non-empty string"),
     ('{"image_id": 5, "expression": "dog"}\n', "q.jsonl query 1: image_id 5 is not in the features"),
     ("\n", "q.jsonl holds no queries"),
 ])
@@ -158,3 +159,14 @@ def test_batch_excludes_single_query_flags(converted, beta_model, tmp_path, caps
     with pytest.raises(SystemExit):
         predict.main(flags(beta_model, converted["beta"], DEMO_TASK, "--batch", tmp_path / "q.jsonl", "--image_id", 1))
     assert "--batch takes the image ids and expressions from its file" in capsys.readouterr().err
+
+
+def test_a_photo_that_is_not_an_image_is_one_line(converted, beta_model, tmp_path):
+    image_id = ImageFeaturesReader(converted["beta"]).image_ids[1]
+    (tmp_path / "notes.jpg").write_text("not a picture")
+    with pytest.raises(SystemExit) as exit_info:
+        predict.main(flags(beta_model, converted["beta"], DEMO_TASK, "--image_id", image_id, "--expression",
+                           "red dog", "--image", tmp_path / "notes.jpg"))
+    assert exit_info.value.code == (f"error: --image {tmp_path / 'notes.jpg'} is not an image Pillow can read: give "
+                                    f"the JPEG or PNG the features were extracted from, or leave --image out to draw "
+                                    f"on a blank canvas")

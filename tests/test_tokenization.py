@@ -10,7 +10,10 @@ import pickle
 
 import pytest
 
-from vilbert.tokenization import SHIPPED_VOCABS, BertTokenizer
+import train
+from test_errors import one_line_error
+from training_support import make_tiny_root, run_flags
+from vilbert.tokenization import SHIPPED_VOCABS, BertTokenizer, VocabError
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +79,20 @@ def test_bad_vocab_errors(tmp_path):
         BertTokenizer("bert-base-cased")
     vocab = tmp_path / "vocab.txt"
     vocab.write_text("red\ncar\n")
-    with pytest.raises(ValueError, match=r"lacks the special tokens \['\[UNK\]'"):
+    with pytest.raises(VocabError, match=r"lacks the special tokens \['\[UNK\]'"):
         BertTokenizer(str(vocab))
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(bytes(range(128, 256)) * 3)
+    with pytest.raises(VocabError, match=r"binary.txt cannot be read as a WordPiece vocab \(.*UTF-8\): give "
+                                         r"--bert_model a BERT vocab.txt"):
+        BertTokenizer(str(binary))
+
+
+def test_a_bad_vocab_is_one_line_from_train_py(tmp_path):
+    (tmp_path / "vocab.txt").write_bytes(bytes(range(128, 256)))
+    message = one_line_error(train.main, run_flags(make_tiny_root(tmp_path / "data"), tmp_path / "out",
+                                                   bert_model=tmp_path / "vocab.txt"))
+    assert message.startswith(f"error: vocab {tmp_path / 'vocab.txt'} cannot be read as a WordPiece vocab")
 
 
 def test_pickles_for_worker_processes(tokenizer):

@@ -48,6 +48,10 @@ def resolve_vocab(bert_model: str) -> Path:
         f"(one token per line); pass --bert_model bert-base-uncased or the path of a vocab.txt")
 
 
+class VocabError(ValueError):
+    """The vocab file is not a BERT WordPiece vocab (binary, or without the special tokens)."""
+
+
 class BertTokenizer:
     """Text -> wordpieces -> ids. `vocab_file` is a vocab path or a shipped name such as 'bert-base-uncased'."""
 
@@ -55,11 +59,16 @@ class BertTokenizer:
         path = resolve_vocab(os.fspath(vocab_file))
         self.vocab_file, self.do_lower_case = str(path), do_lower_case
         self.vocab_sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
-        self._rust = self._build(self.vocab_file, do_lower_case)
+        try:
+            self._rust = self._build(self.vocab_file, do_lower_case)
+        except Exception as error:  # the tokenizers library raises a bare Exception for an unreadable file
+            raise VocabError(f"vocab {path} cannot be read as a WordPiece vocab ({error}): give --bert_model a "
+                             f"BERT vocab.txt, one token per line, or leave it at bert-base-uncased") from None
         self.vocab: Dict[str, int] = self._rust.get_vocab()
         missing = [t for t in NEVER_SPLIT if t not in self.vocab]
         if missing:
-            raise ValueError(f"vocab {path} lacks the special tokens {missing}; is it a BERT WordPiece vocab?")
+            raise VocabError(f"vocab {path} lacks the special tokens {missing}; is it a BERT WordPiece vocab? "
+                             f"give --bert_model a BERT vocab.txt, or leave it at bert-base-uncased")
         self.unk_token_id = self.vocab["[UNK]"]
         self.cls_token_id, self.sep_token_id = self.vocab["[CLS]"], self.vocab["[SEP]"]
         self.pad_token_id, self.mask_token_id = self.vocab["[PAD]"], self.vocab["[MASK]"]

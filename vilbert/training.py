@@ -39,7 +39,7 @@ from .options import OptionsError, RunOptions, resolve_device
 from .refer_datasets import UnknownSplitError
 from .storage import EndpointUnreachable, localize
 from .tasks import get_task
-from .tokenization import BertTokenizer
+from .tokenization import BertTokenizer, VocabError
 from .vqa_data import VQADataError
 
 
@@ -51,7 +51,7 @@ class OutOfMemoryError(MemoryError):
 # entry scripts report these as one line instead of a traceback.
 USER_ERRORS = (FileNotFoundError, PermissionError, OptionsError, ConfigError, CheckpointError, FeaturesError,
                ImageNotInFeatures, NonFiniteLossError, OutOfMemoryError, AnnotationError, UnknownSplitError,
-               VQADataError, EndpointUnreachable)
+               VQADataError, EndpointUnreachable, VocabError)
 
 
 @contextlib.contextmanager

@@ -18,6 +18,7 @@ from ..demo_data import make_demo_dataset
 from ..engine import score_regions
 from ..features import open_features
 from ..metrics import rec_loss, rec_select
+from ..options import OptionsError
 from ..refer_datasets import DATASETS, UnknownSplitError, check_split
 from ..visualize import draw_prediction
 from .base import Task
@@ -151,10 +152,14 @@ def _rounded(box) -> list:
 
 def _check_photo_size(path, image_w: int, image_h: int) -> None:
     """Warns when the photo is not the size the features' boxes are in (they are then drawn scaled to it)."""
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
-    with Image.open(path) as photo:
-        size = photo.size
+    try:
+        with Image.open(path) as photo:
+            size = photo.size
+    except UnidentifiedImageError:
+        raise OptionsError(f"--image {path} is not an image Pillow can read: give the JPEG or PNG the features "
+                           f"were extracted from, or leave --image out to draw on a blank canvas") from None
     if size != (image_w, image_h):
         print(f"warning: {path} is {size[0]}x{size[1]} pixels but the features were extracted from a "
               f"{image_w}x{image_h} image: the boxes are drawn scaled to the photo, which is right only if it "
