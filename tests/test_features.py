@@ -5,6 +5,7 @@ import functools
 import multiprocessing
 import os
 import pickle
+import re
 import shutil
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 
 from vilbert import features
 from vilbert.features import (FeatureCache, FeaturesError, ImageFeaturesReader, ImageNotInFeatures,
-                              build_feature_cache, default_cache_path, open_features)
+                              build_feature_cache, default_cache_path, open_features, read_stored, stored_keys)
 
 DET = "refcoco+_resnet101_faster_rcnn_genome.lmdb"
 
@@ -371,3 +372,18 @@ def test_a_folder_that_is_no_lmdb_fails_before_any_cache_is_announced(tmp_path, 
         open_features(path, build=True)
     assert capsys.readouterr().out == ""
     assert sorted(p.name for p in tmp_path.rglob("*") if p != path and p.parent != path) == []
+
+
+def test_a_damaged_lmdb_page_is_one_error_naming_the_folder(tmp_path):
+    path = tmp_path / "damaged.lmdb"
+    env = lmdb.open(str(path), map_size=1 << 26)
+    with env.begin(write=True) as txn:
+        for i in range(2000):
+            txn.put(f"{i:06d}".encode(), bytes(100))
+    env.close()
+    with open(path / "data.mdb", "r+b") as f:  # four pages of the tree overwritten
+        f.seek(4096 * 3)
+        f.write(b"\xff" * 4096 * 4)
+    with pytest.raises(FeaturesError, match=rf"^{re.escape(str(path))} is damaged \(CorruptedError: .*MDB_CORRUPTED"):
+        for key in stored_keys(path):
+            read_stored(path, key)

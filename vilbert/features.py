@@ -18,6 +18,7 @@ by record, for what writes and audits LMDBs (`vilbert/feature_lmdb.py`) and read
 """
 
 import binascii
+import contextlib
 import hashlib
 import io
 import json
@@ -159,7 +160,7 @@ def _environment(path: str, identity: tuple) -> "lmdb.Environment":
 
 def _read_lmdb(path: str, identity: tuple, key: bytes) -> Optional[bytes]:
     """The value of `key`, from this process's environment of the LMDB folder `path` (a realpath)."""
-    with _ENVIRONMENTS_LOCK, _environment(path, identity).begin() as txn:
+    with _ENVIRONMENTS_LOCK, _damage_named(path), _environment(path, identity).begin() as txn:
         return txn.get(key)
 
 
@@ -167,8 +168,18 @@ def stored_keys(path) -> List[bytes]:
     """Every key the LMDB folder `path` holds, b'keys' included, in LMDB order: what an audit walks."""
     path = os.fspath(path)
     _check_lmdb_dir(path)
-    with _ENVIRONMENTS_LOCK, _environment(os.path.realpath(path), _lmdb_identity(path)).begin() as txn:
+    real = os.path.realpath(path)
+    with _ENVIRONMENTS_LOCK, _damage_named(real), _environment(real, _lmdb_identity(path)).begin() as txn:
         return list(txn.cursor().iternext(keys=True, values=False))
+
+
+@contextlib.contextmanager
+def _damage_named(path: str):
+    """A page LMDB finds damaged (MDB_CORRUPTED, MDB_PAGE_NOTFOUND, ...) as one error naming the folder."""
+    try:
+        yield
+    except lmdb.Error as err:
+        raise FeaturesError(f"{path} is damaged ({type(err).__name__}: {err}); {DOWNLOAD_HINT}") from None
 
 
 def read_stored(path, key: bytes) -> Optional[bytes]:
