@@ -3,6 +3,7 @@
 import json
 import os
 import pickle
+import re
 import shutil
 import socket
 import subprocess
@@ -314,3 +315,17 @@ def test_an_unreachable_s3_data_root_is_one_line(tmp_path, monkeypatch):
     message = one_line_error(train.main, ["--demo", "--dataroot", "s3://bucket/demo", "--output_dir",
                                           str(tmp_path / "out")])
     assert message.startswith(f"error: s3://bucket/demo: the S3 endpoint http://127.0.0.1:{port} did not answer in ")
+
+
+def test_an_image_missing_from_the_features_and_their_key_list(broken_root, tmp_path):
+    path = str(broken_root / DETECTED_LMDB)
+    env = lmdb.open(path, map_size=1 << 30)
+    with env.begin(write=True) as txn:  # an LMDB of other images: the record and its entry in b'keys' are gone
+        keys = pickle.loads(txn.get(b"keys"))
+        txn.delete(keys[0])
+        txn.put(b"keys", pickle.dumps(keys[1:], protocol=2))
+    env.close()
+    message = one_line_error(train.main, run_flags(broken_root, tmp_path / "out"))
+    assert re.match(r"error: 1 of the \d+ images of split 'train' are missing from the detected-box features .* "
+                    r"\(image ids \d+\); do the features belong to refcoco\+, and did their download finish\?$",
+                    message), message

@@ -25,7 +25,7 @@ import paddle
 
 from pyutils.refer import REFER, AnnotationError
 
-from .features import FeatureReader
+from .features import FeatureReader, FeaturesError
 from .batching import EntriesCache, batch_tokens, fill, region_rows, token_arrays
 from .tokenization import BertTokenizer, check_tokenization
 
@@ -187,9 +187,9 @@ class ReferExpressionDataset(paddle.io.Dataset):
             missing = [image_id for image_id in image_ids if image_id not in reader]
             if missing:
                 shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
-                raise ValueError(f"{len(missing)} of the {len(image_ids)} images of split {self.split!r} are missing "
-                                 f"from the {name} features {reader.path} (image ids {shown}); do the features "
-                                 f"belong to {self.dataset}, and did their download finish?")
+                raise FeaturesError(f"{len(missing)} of the {len(image_ids)} images of split {self.split!r} are "
+                                    f"missing from the {name} features {reader.path} (image ids {shown}); do the "
+                                    f"features belong to {self.dataset}, and did their download finish?")
 
     @functools.cached_property
     def entries(self) -> List[dict]:
