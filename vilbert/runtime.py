@@ -2,8 +2,9 @@
 
 - Threads: Paddle's CPU wheel runs on one thread unless told otherwise. `MKL_NUM_THREADS` (default: the CPUs
   this process may use, shared among the ranks of a launch) sets MKL's threads (matmuls), Paddle's OpenMP
-  threads (other kernels) and those of BertAdam's CPU update (`cpu_threads`). `OMP_NUM_THREADS` cannot serve: importing Paddle sets it to 1 when
-  unset (and warns when it is above 1), so its value would depend on what was imported first.
+  threads (other kernels) and those of BertAdam's CPU update (`cpu_threads`). `OMP_NUM_THREADS` cannot serve:
+  importing Paddle sets it to 1 when unset (and warns when it is above 1), so its value would depend on what
+  was imported first.
 - MKL takes a slow generic path on AMD CPUs unless `MKL_DEBUG_CPU_TYPE=5`: with both, a 800x1024x1024 matmul
   goes from 25 to 136 GFLOP/s.
 - Strided views (on by default) make a transpose free but the reshape after it, and its gradient, a slow copy
