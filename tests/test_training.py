@@ -271,3 +271,17 @@ def test_eval_on_a_full_disk_prints_its_table_then_one_line(run, tmp_path, monke
     assert table[0].split()[:3] == ["split", "accuracy", "expressions"] and table[1].split()[0] == "val"
     assert (copy / "best_refcoco+_val_predictions.json").read_text() == "[] (an earlier evaluation's)"
     assert not list(copy.glob(".*.tmp*"))
+
+
+def test_a_read_only_data_root_trains_with_its_caches_in_the_user_cache(root, tmp_path, monkeypatch):
+    data = shutil.copytree(root, tmp_path / "data", ignore=shutil.ignore_patterns("cache", "*.cache"))
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if str(p).startswith(str(data))  # as root sees a
+                        else real_access(p, mode, **kw))  # read-only mount: os.access is what both caches ask
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    before = sorted(p.relative_to(data) for p in data.rglob("*"))
+    train.main(run_flags(data, tmp_path / "out", num_train_epochs=1))
+    assert sorted(p.relative_to(data) for p in data.rglob("*")) == before  # nothing written into the data root
+    cached = tmp_path / "xdg" / "vilbert-paddle"
+    assert len(list((cached / "features").glob("*.cache"))) == 2  # detected and ground-truth boxes
+    assert len(list((cached / "entries").glob("*/*.npz"))) == 2  # train and val

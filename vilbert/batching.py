@@ -10,12 +10,13 @@ whose name carries a hash of everything they depend on, so a stale cache is neve
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
-from .fileio import atomic_path
+from .fileio import atomic_path, user_cache, writable
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +76,17 @@ def batch_tokens(lengths: np.ndarray) -> int:
 
 class EntriesCache:
     """One split's entry arrays in `<folder>/<stem>_<hash>.npz`, the hash over `key` (a JSON-able dict of all
-    they depend on) and the size and mtime of `files` (the annotation files they are read from)."""
+    they depend on) and the size and mtime of `files` (the annotation files they are read from). Where `folder`
+    cannot be written (a read-only data root), the file goes under the user's cache folder instead
+    (`fileio.user_cache`, in a folder named by a hash of `folder`), as the feature cache does."""
 
     def __init__(self, folder, stem: str, key: dict, files: List[Path]):
         stats = [(Path(p).name, Path(p).stat().st_size, Path(p).stat().st_mtime_ns) for p in files]
         digest = hashlib.sha256(json.dumps({**key, "files": stats}, sort_keys=True).encode()).hexdigest()[:12]
+        if not writable(folder):
+            real = os.path.realpath(folder)
+            name = f"{Path(real).parent.name}-{hashlib.sha256(real.encode()).hexdigest()[:12]}"  # the data root's
+            folder = user_cache("entries") / name
         self.path = Path(folder) / f"{stem}_{digest}.npz"
 
     def load(self, names: Sequence[str], check=None):

@@ -36,7 +36,7 @@ import numpy as np
 
 from pyutils.restricted_pickle import RestrictedUnpickler, feature_record_globals
 
-from .fileio import atomic_path, file_lock
+from .fileio import atomic_path, file_lock, user_cache
 from .progress import progress as progress_bar
 
 FEATURE_DIM = 2048  # pool5_flat of the bottom-up ResNet-101 / ResNeXt-152 detectors
@@ -468,8 +468,8 @@ def fallback_cache_path(lmdb_path) -> Path:
     """Where the cache of an LMDB in a read-only folder goes: `$XDG_CACHE_HOME` (default ~/.cache)
     /vilbert-paddle/features/<LMDB folder name>-<hash of its real path>.cache."""
     real = os.path.realpath(os.fspath(lmdb_path))
-    folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vilbert-paddle" / "features"
-    return folder / f"{os.path.basename(real)}-{hashlib.sha256(real.encode()).hexdigest()[:12]}{CACHE_SUFFIX}"
+    digest = hashlib.sha256(real.encode()).hexdigest()[:12]
+    return user_cache("features") / f"{os.path.basename(real)}-{digest}{CACHE_SUFFIX}"
 
 
 def ensure_feature_cache(lmdb_path, progress: bool = True) -> Path:

@@ -30,6 +30,20 @@ def atomic_path(path: Union[str, os.PathLike]) -> Iterator[Path]:
         raise
 
 
+def user_cache(kind: str) -> Path:
+    """Where caches go that cannot live beside their data (a read-only data root): `$XDG_CACHE_HOME` (default
+    ~/.cache)/vilbert-paddle/<kind>."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vilbert-paddle" / kind
+
+
+def writable(folder: Union[str, os.PathLike]) -> bool:
+    """Whether files can be made in `folder`: it, or the nearest folder above it that exists, is writable."""
+    folder = Path(os.path.abspath(folder))
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder.is_dir() and os.access(folder, os.W_OK)
+
+
 _TEMPORARY = re.compile(r"^\..+\.(\d+)\.tmp(\.\w+)?$")  # atomic_path's (and save_checkpoint's) names
 
 
