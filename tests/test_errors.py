@@ -1,5 +1,6 @@
 """Every bad input ends train.py / eval.py / predict.py with one clear message that says what to do."""
 
+import errno
 import json
 import os
 import pickle
@@ -17,6 +18,7 @@ import pytest
 import eval as eval_script
 import predict
 import train
+import vilbert.checkpoint
 import vilbert.engine
 import vilbert.tasks.refer
 import vilbert.training
@@ -329,3 +331,22 @@ def test_an_image_missing_from_the_features_and_their_key_list(broken_root, tmp_
     assert re.match(r"error: 1 of the \d+ images of split 'train' are missing from the detected-box features .* "
                     r"\(image ids \d+\); do the features belong to refcoco\+, and did their download finish\?$",
                     message), message
+
+
+def test_a_full_disk_during_a_checkpoint_save_is_one_line_and_keeps_the_last_one(root, tmp_path, monkeypatch):
+    real_save = vilbert.checkpoint.paddle.save
+
+    def save(obj, path):
+        if isinstance(obj, dict) and obj.get("epoch") == 1:  # epoch 1's resumable checkpoint
+            with open(path, "wb") as f:
+                f.write(b"half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(obj, path)
+
+    monkeypatch.setattr(vilbert.checkpoint.paddle, "save", save)
+    message = one_line_error(train.main, run_flags(root, tmp_path / "out"))
+    last = tmp_path / "out" / "run" / "last.pdparams"
+    assert message == (f"error: cannot write {last}: No space left on device; free some space or write elsewhere "
+                       f"(what was written before is intact: every file is written whole or not at all)")
+    assert vilbert.checkpoint.read_training_state(last)["epoch"] == 0  # epoch 0's, whole
+    assert not list(last.parent.glob(".*.tmp*"))

@@ -30,6 +30,8 @@ import paddle
 
 from pyutils.restricted_pickle import RestrictedUnpickler
 
+from .fileio import naming_target
+
 # ----------------------------------------------------------------------------------------------------
 # Official layout
 
@@ -594,8 +596,11 @@ def save_checkpoint(obj, path, *, hash_in_name: bool = False) -> Path:
         if hash_in_name:
             path = path.with_name(f"{path.stem}-{sha256_of(tmp)[:8]}{path.suffix}")
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         tmp.unlink(missing_ok=True)
+        renamed = naming_target(error, path, tmp)
+        if renamed:
+            raise renamed from error
         raise
     return path
 

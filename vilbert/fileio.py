@@ -25,9 +25,18 @@ def atomic_path(path: Union[str, os.PathLike]) -> Iterator[Path]:
         os.replace(tmp, path)
     except BaseException as error:
         tmp.unlink(missing_ok=True)
-        if isinstance(error, OSError) and error.errno and error.filename in (None, os.fspath(tmp), tmp):
-            raise type(error)(error.errno, error.strerror, os.fspath(path)) from error  # the name the user knows
+        renamed = naming_target(error, path, tmp)
+        if renamed:
+            raise renamed from error
         raise
+
+
+def naming_target(error: BaseException, path, tmp) -> "OSError | None":
+    """For an OSError of writing `tmp`, the temp file of `path`, about `tmp` or about no file (as a full disk's
+    write() is): the same error naming `path`, the file the user knows. None for any other error."""
+    if isinstance(error, OSError) and error.errno and error.filename in (None, os.fspath(tmp), tmp):
+        return type(error)(error.errno, error.strerror, os.fspath(path))
+    return None
 
 
 def user_cache(kind: str) -> Path:
