@@ -59,12 +59,13 @@ def main(argv=None):
             split_files = task.result_files(result.predictions, dataset, stem, options)
             rows.append((split, result.summary, result.count, list(split_files)))
             files.update(split_files)
-            drawn.append((dataset, stem.with_name(f"{stem.name}_pictures")))
+            if args.draw:  # after the files; only then are the datasets kept
+                drawn.append((dataset, stem.with_name(f"{stem.name}_pictures")))
     if is_main_process():
         print("\n" + task.table(rows), flush=True)  # first: a full disk below loses no number
         for path, content in files.items():
             atomic_write(path, content)
-        for dataset, folder in drawn if args.draw else []:
+        for dataset, folder in drawn:
             task.draw(model, dataset, tokenizer, options, args.draw, folder)
 
 

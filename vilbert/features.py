@@ -36,7 +36,7 @@ import numpy as np
 
 from pyutils.restricted_pickle import RestrictedUnpickler, feature_record_globals
 
-from .fileio import atomic_path, file_lock, user_cache
+from .fileio import atomic_path, file_lock, user_cache, writable
 from .progress import progress as progress_bar
 
 FEATURE_DIM = 2048  # pool5_flat of the bottom-up ResNet-101 / ResNeXt-152 detectors
@@ -483,7 +483,7 @@ def ensure_feature_cache(lmdb_path, progress: bool = True) -> Path:
     lmdb_path = os.fspath(lmdb_path)
     ImageFeaturesReader(lmdb_path)  # data.mdb there and readable: its error comes before any "Building ..." line
     beside = default_cache_path(lmdb_path)
-    target = beside if os.access(beside.parent, os.W_OK) else fallback_cache_path(lmdb_path)
+    target = beside if writable(beside.parent) else fallback_cache_path(lmdb_path)
     with file_lock(target.with_name(f".{target.name}.lock"),
                    waiting=f"Waiting for another process to finish building {target} ..."):
         try:

@@ -305,8 +305,7 @@ def _fit(options: RunOptions, device: str) -> dict:
             scaler.load_state_dict(state["scaler"])
         log(f"Resumed from {resume_path}: continuing at epoch {start_epoch}")
     _check_every_rank_starts_at(start_epoch, options)
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+    if main:  # the run directory exists: claimed_run_dir made it
         atomic_write(run_dir / "config.yaml", options.to_yaml())
     network = TaskOutputDataParallel(model, task.output) if dist.get_world_size() > 1 else model
     if options.amp != "off" and device == "cpu":
