@@ -289,7 +289,7 @@ def test_a_collective_that_lost_its_peer_is_one_line(monkeypatch):
         "error: rank 3 of 16 lost contact with another rank ([/paddle/third_party/gloo/gloo/transport/tcp/pair.cc:576]"
         " Read error [10.0.0.2]:41532: Connection reset by peer): a node or process stopped, or the network failed. "
         "Start every node's launcher again with the same command (train.py: add --resume auto to continue from the "
-        "last saved epoch)")
+        "last checkpoint)")
     with pytest.raises(SystemExit, match=r"^error: rank 3 of 16 lost contact .*\(ExternalError: Nccl error"):
         raising(OSError("ExternalError: Nccl error, remote process exited or there was a network error"))()
     with pytest.raises(RuntimeError, match="shapes do not match"):  # any other error keeps its traceback

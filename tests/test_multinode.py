@@ -4,6 +4,7 @@ batch; a node killed mid-epoch makes the other stop within seconds with one line
 nodes then finishes the run with the weights of a run never stopped."""
 
 import os
+import re
 import signal
 import socket
 import time
@@ -91,7 +92,7 @@ def test_a_killed_node_stops_the_other_and_resume_finishes_the_run(setup, one_pr
         assert len(errors) == 1 and "Traceback" not in log, log[-3000:]
         assert errors[0].startswith("error: rank 0 of 2 lost contact with another rank ([")
         assert errors[0].endswith("Start every node's launcher again with the same command (train.py: add --resume "
-                                  "auto to continue from the last saved epoch)")
+                                  "auto to continue from the last checkpoint)")
         message = errors[0]
     else:  # inside backward, Paddle aborts the process with gloo's exception, which names the lost peer
         assert "terminate called after throwing an instance of 'gloo::" in log, log[-3000:]
@@ -108,6 +109,37 @@ def test_a_killed_node_stops_the_other_and_resume_finishes_the_run(setup, one_pr
     assert_same_run(run_dir, one_process)
 
 
+def test_sigterm_to_one_node_stops_both_at_one_update_and_resume_finishes_the_run(setup, one_process, tmp_path):
+    """A scheduler preempting a job signals every node's launcher, not always at the same step: SIGTERM to node 1's
+    alone (sent while node 0 logs epoch 0's progress, so the stop lands before the run's end) makes both ranks save
+    after the same update and stop with one line; --resume auto on both nodes finishes the run."""
+    logs, name = tmp_path / "logs", "preempted"
+    nodes = start_nodes(setup, name, logs)
+    log0, log1 = (logs / f"node{rank}" / "workerlog.0" for rank in (0, 1))
+    progress = re.compile(r"Epoch 0: (\d+)/(\d+) steps")
+    deadline = time.time() + 300
+    while not (log0.exists() and any(0 < int(done) < int(total) for done, total in progress.findall(log0.read_text()))):
+        assert nodes[0].poll() is None and time.time() < deadline, nodes[0].communicate()[0][-3000:]
+        time.sleep(0.02)
+    nodes[1].send_signal(signal.SIGTERM)
+    for node in nodes:
+        node.communicate(timeout=120)
+    stops = []
+    for log in (log0, log1):
+        text = log.read_text()
+        assert "Traceback" not in text, text[-3000:]
+        stops += [line for line in text.splitlines() if line.startswith("stopped by SIGTERM")]
+    assert len(stops) == 2 and stops[0] == stops[1], stops  # the same update on both ranks
+    assert re.fullmatch(r"stopped by SIGTERM (at epoch [01], update [1-8] of 8|after epoch 0): .* holds it; continue "
+                        r"with --resume auto", stops[0])
+    print(f"node 1's launcher got SIGTERM; both ranks: {stops[0]}")
+
+    resumed = tmp_path / "resumed_logs"
+    for rank, node in enumerate(start_nodes(setup, name, resumed, extra=[("--resume", "auto")] * 2)):
+        finished(node, resumed / f"node{rank}")
+    assert_same_run(setup[1] / name / "run", one_process)
+
+
 def test_nodes_that_see_different_run_folders_refuse_to_resume(setup, two_nodes, tmp_path):
     """Node 0 sees the finished run, node 1 (as without a shared filesystem) an empty folder: both stop at once
     with one line, and nothing in the run folder changes."""
@@ -122,6 +154,6 @@ def test_nodes_that_see_different_run_folders_refuse_to_resume(setup, two_nodes,
         errors = [line for line in log.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and "Traceback" not in log, log[-3000:]
         host = socket.gethostname()
-        assert errors[0].startswith(f"error: --resume auto: the ranks start at different epochs ({host}: rank 0 at "
+        assert errors[0].startswith(f"error: --resume auto: the ranks start at different points ({host}: rank 0 at "
                                     f"epoch 2; {host}: rank 1 at epoch 0), as they do not all see the same ")
     assert {path.name: path.stat().st_mtime_ns for path in run_dir.iterdir() if path.name != ".run.lock"} == before

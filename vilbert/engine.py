@@ -6,6 +6,7 @@ a number: batches are padded only to the most regions and tokens any of their sa
 the datasets' `batch`), and evaluation counts every sample once, also over several devices (no sampler padding).
 """
 
+import itertools
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -40,10 +41,11 @@ class EpochBatchSampler(paddle.io.Sampler):
         self.shuffle, self.seed, self.rank, self.world_size = shuffle, seed, rank, world_size
         self.parts = world_size * accumulation
         self.micro_batch = global_batch // self.parts  # samples per step of a full global batch
-        self.epoch = 0
+        self.epoch, self.skip = 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Iterate over `epoch`'s order, leaving out this rank's first `skip` micro-batches (done before a stop)."""
+        self.epoch, self.skip = epoch, skip
 
     def _order(self) -> np.ndarray:
         order = (np.random.default_rng([self.seed, self.epoch]).permutation(self.num_samples) if self.shuffle
@@ -52,6 +54,9 @@ class EpochBatchSampler(paddle.io.Sampler):
         return np.resize(order, padded)  # wraps around
 
     def __iter__(self):
+        return itertools.islice(self._micro_batches(), self.skip, None)
+
+    def _micro_batches(self):
         order = self._order()
         for start in range(0, len(order), self.global_batch):
             chunk = order[start:start + self.global_batch]
@@ -93,13 +98,25 @@ def task_ids_for(batch, task_id: int, model) -> "paddle.Tensor | None":
     return paddle.full([batch["input_ids"].shape[0], 1], task_id, dtype="int64")
 
 
-def train_one_epoch(model, loader, optimizer, *, task, epoch: int, amp: str = "off", accumulation: int = 1,
+def step_seed(seed: int, epoch: int, step: int) -> int:
+    """The seed of one micro-step's dropout on this rank: a function of the step's place in the run, so a run
+    resumed at any step draws the masks the uninterrupted run drew."""
+    return int(np.random.SeedSequence([seed, epoch, step, dist.get_rank()]).generate_state(1)[0])
+
+
+def train_one_epoch(model, loader, optimizer, *, task, epoch: int, seed: int = 0, start: int = 0,
+                    sums=(0.0, 0.0, 0), after_update=None, amp: str = "off", accumulation: int = 1,
                     task_id: int = 0, scaler=None, show_progress: bool = True):
-    """One pass over the loader; returns (mean train loss, mean train score) over all ranks' samples."""
+    """One pass over the loader from update `start` on; returns (mean train loss, mean train score) over all ranks'
+    samples. `sums` are this rank's (loss, score, samples) totals of the updates before `start`; after each update,
+    `after_update(updates done, sums)` runs (the fit loop saves there)."""
     model.train()
-    total_loss, correct, seen = 0.0, 0.0, 0
-    bar = progress(loader, f"Epoch {epoch}", enabled=show_progress)
-    for step, batch in enumerate(bar):
+    first = start * accumulation
+    loader.batch_sampler.set_epoch(epoch, skip=first)
+    total_loss, correct, seen = sums
+    bar = progress(loader, f"Epoch {epoch}", enabled=show_progress, initial=first)
+    for step, batch in enumerate(bar, first):
+        paddle.seed(step_seed(seed, epoch, step))
         batch = prepare(batch)
         last_micro = (step + 1) % accumulation == 0 or step + 1 == len(loader)
         sync = model.no_sync() if hasattr(model, "no_sync") and not last_micro else nullcontext()
@@ -125,6 +142,8 @@ def train_one_epoch(model, loader, optimizer, *, task, epoch: int, amp: str = "o
         correct += float(task.scores(logit, batch).sum())
         seen += size
         bar.set_postfix(loss=f"{total_loss / seen:.4f}", **{task.metric[:5]: f"{correct / seen:.4f}"})
+        if last_micro and after_update:
+            after_update(math.ceil((step + 1) / accumulation), (total_loss, correct, seen))
     if dist.get_world_size() > 1:
         sums = paddle.to_tensor([total_loss, correct, seen], dtype="float64")
         dist.all_reduce(sums)

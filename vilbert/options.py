@@ -140,6 +140,9 @@ class RunOptions:
     resume: str = option("", "a run's last.pdparams to continue, or auto: continue <output_dir>/<save_name> if it "
                          "has one, else start fresh; the run's config.yaml gives the options", used_by=(TRAIN,),
                          metavar="{auto,CKPT}")
+    save_every_minutes: float = option(30.0, "also save last.pdparams within an epoch this often (0: at epoch "
+                                       "ends only); SIGINT and SIGTERM save it too, then stop", used_by=(TRAIN,),
+                                       metavar="MIN")
     overwrite: bool = option(False, "start over in a run directory that holds a finished or stopped run, "
                              "removing its files (without it, such a directory is refused)", used_by=(TRAIN,))
 
@@ -171,6 +174,8 @@ class RunOptions:
             problems.append(f"device={self.device!r} must be auto, gpu or cpu")
         if not 0 <= self.warmup_proportion <= 1:
             problems.append(f"warmup_proportion={self.warmup_proportion} must be in [0, 1]")
+        if not self.save_every_minutes >= 0:
+            problems.append(f"save_every_minutes={self.save_every_minutes} must be >= 0")
         if self.num_workers < 0:
             problems.append(f"num_workers={self.num_workers} must be >= 0")
         if problems:

@@ -3,9 +3,11 @@ every task (`vilbert/tasks`).
 
 A run directory (`<output_dir>/<save_name>/`) holds everything a run writes: `config.yaml` (the resolved
 options), `metrics.jsonl` (one line per epoch), `curves.png`, `last.pdparams` (resumable: model, optimizer,
-epoch, best accuracy, options) and `best.pdparams` (model weights of the best validation epoch).
-Dropout is re-seeded from (seed, epoch, rank) at the start of every epoch, so a run resumed at an epoch
-boundary continues exactly as if it had never stopped.
+epoch, best accuracy, options; and where in the next epoch, if it was saved within one) and `best.pdparams`
+(model weights of the best validation epoch). `last.pdparams` is written at the end of every epoch, every
+--save_every_minutes within one, and when SIGINT or SIGTERM stop the run (`vilbert/interruption.py`). Dropout is
+seeded from (seed, epoch, step, rank) at every step, so a run resumed at any update continues exactly as if it had
+never stopped.
 """
 
 import contextlib
@@ -16,7 +18,9 @@ import functools
 import json
 import os
 import random
+import signal
 import socket
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -32,6 +36,7 @@ from .config import ConfigError, ViLBertConfig
 from .engine import EpochBatchSampler, NonFiniteLossError, evaluate, train_one_epoch
 from .features import FeaturesError, ImageNotInFeatures
 from .fileio import NO_LOCKS, atomic_path, atomic_write, remove_stale_temporaries
+from .interruption import SaveClock, Stopped
 from .loader import BatchLoader
 from .model import VILBertForVLTasks, ViLBertOutput
 from .optimization import BertAdam, build_param_groups, describe_param_groups
@@ -57,11 +62,19 @@ USER_ERRORS = (FileNotFoundError, PermissionError, OptionsError, ConfigError, Ch
 @contextlib.contextmanager
 def exit_on_user_error():
     """Turns a `USER_ERRORS` exception into `SystemExit` with its message (what an entry script prints), and so a
-    full or read-only disk and the error of a collective that lost a rank (`lost_rank_message`)."""
+    full or read-only disk, the error of a collective that lost a rank (`lost_rank_message`), a run stopped by a
+    signal (its exit status: 128 + the signal's number) and Ctrl-C."""
     try:
         yield
     except USER_ERRORS as error:
         raise SystemExit(f"error: {error}") from None
+    except Stopped as stopped:
+        print(stopped, file=sys.stderr, flush=True)
+        raise SystemExit(stopped.code) from None
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C): stopped at once; what was saved before is intact (train.py: --resume auto "
+              "continues from the last checkpoint)", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signal.SIGINT) from None
     except (RuntimeError, OSError) as error:
         message = _full_disk_message(error) or lost_rank_message(error)
         if message is None:
@@ -88,7 +101,7 @@ def lost_rank_message(error: BaseException) -> "str | None":
     cause = (str(error).strip().splitlines() or [""])[0][:300]
     return (f"rank {dist.get_rank()} of {dist.get_world_size()} lost contact with another rank ({cause}): a node "
             f"or process stopped, or the network failed. Start every node's launcher again with the same command "
-            f"(train.py: add --resume auto to continue from the last saved epoch)")
+            f"(train.py: add --resume auto to continue from the last checkpoint)")
 
 
 @contextlib.contextmanager
@@ -294,17 +307,18 @@ def _fit(options: RunOptions, device: str) -> dict:
 
     scaler = build_grad_scaler(options.amp)  # weights stay fp32 under O1 autocast
     metric = f"val_{task.metric}"
-    start_epoch, best = 0, {metric: -1.0, "epoch": -1}
+    start_epoch, best, within = 0, {metric: -1.0, "epoch": -1}, {}
     if resume_path:
         state = read_training_state(resume_path)
-        start_epoch, best = state["epoch"] + 1, state["best"]
+        start_epoch, best, within = state["epoch"] + 1, state["best"], state.get("within_epoch") or {}
         _check_recipe(state.get("options", {}), options, start_epoch, resume_path, log)
         model.set_state_dict(state["model"])
         optimizer.set_state_dict(state["optimizer"])
         if scaler and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        log(f"Resumed from {resume_path}: continuing at epoch {start_epoch}")
-    _check_every_rank_starts_at(start_epoch, options)
+        at_step = f", update {within['updates']} of {steps_per_epoch}" if within else ""
+        log(f"Resumed from {resume_path}: continuing at epoch {start_epoch}{at_step}")
+    _check_every_rank_starts_at((start_epoch, within.get("updates", 0)), options)
     if main:  # the run directory exists: claimed_run_dir made it
         atomic_write(run_dir / "config.yaml", options.to_yaml())
     network = TaskOutputDataParallel(model, task.output) if dist.get_world_size() > 1 else model
@@ -312,40 +326,81 @@ def _fit(options: RunOptions, device: str) -> dict:
         log(f"Note: --amp {options.amp} has no effect on CPU: Paddle's autocast only acts on GPU (and XPU) devices.")
         warnings.filterwarnings("ignore", message="amp_guard can only be enabled")
 
+    def save(epoch_done: int, within_epoch: "dict | None" = None) -> None:
+        """last.pdparams: resumable after `epoch_done`, or within the epoch after it (`within_epoch`)."""
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scaler": scaler.state_dict() if scaler else {}, "epoch": epoch_done, "best": best,
+                 "options": dataclasses.asdict(options)}
+        if within_epoch:
+            state["within_epoch"] = within_epoch
+        save_checkpoint(state, run_dir / "last.pdparams")
+        clock.saved()
+
+    def after_update(epoch: int, started: float, updates: int, sums: tuple) -> None:
+        save_now, stop = clock.due()
+        if save_now:
+            ranks_sums: list = []
+            if dist.get_world_size() > 1:
+                dist.all_gather_object(ranks_sums, sums)
+            if main:
+                save(epoch - 1, {"updates": updates, "sums": ranks_sums or [sums],
+                                 "seconds": time.time() - started})
+        if stop:
+            raise Stopped(f"stopped by {signal.Signals(stop).name} at epoch {epoch}, update {updates} of "
+                          f"{steps_per_epoch}: {run_dir / 'last.pdparams'} holds it; continue with --resume auto",
+                          stop)
+
     history = _read_history(run_dir / "metrics.jsonl", before=start_epoch) if main else []
     metrics = {}
-    for epoch in range(start_epoch, options.num_train_epochs):
-        paddle.seed(options.seed * 100003 + epoch * 1009 + dist.get_rank())
-        train_batches.batch_sampler.set_epoch(epoch)
-        optimizer.set_epoch(epoch)
-        started = time.time()
-        with out_of_memory_hint(f"each step holds {micro} sample(s) per device: raise --gradient_accumulation_steps "
-                                f"(now {options.gradient_accumulation_steps}) to split every batch of "
-                                f"{options.batch_size} into smaller steps with the same result"):
-            train_loss, train_score = train_one_epoch(network, train_batches, optimizer, task=task, epoch=epoch,
-                                                      amp=options.amp, accumulation=options.gradient_accumulation_steps,
-                                                      task_id=options.task_id, scaler=scaler, show_progress=main)
-        with out_of_memory_hint(f"lower --eval_batch_size (now {options.eval_batch_size})"):
-            result = evaluate(model, val_batches, task=task, amp=options.amp, task_id=options.task_id)
-        value = result.metric(task)
-        metrics = {"epoch": epoch, "train_loss": train_loss, f"train_{task.metric}": train_score,
-                   "val_loss": result.loss, metric: value, "lr": optimizer.get_lr(),
-                   "seconds": round(time.time() - started, 1)}
-        log(f"Epoch {epoch} done! Train loss: {train_loss:.5f}, Val {task.metric}: {value:.4f}")
-        if not main:
-            continue
-        history.append(metrics)
-        if value > best[metric]:
-            best = {metric: value, "epoch": epoch}
-            save_checkpoint(model.state_dict(), run_dir / "best.pdparams")
-        atomic_write(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in history))
-        plot_curves(history, run_dir / "curves.png", task)
-        # last, as the commit point: a run killed before it redoes this epoch, with nothing of it missing
-        save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scaler": scaler.state_dict() if scaler else {}, "epoch": epoch, "best": best,
-                         "options": dataclasses.asdict(options)}, run_dir / "last.pdparams")
+    clock = SaveClock(options.save_every_minutes)
+    with clock.catching_signals():
+        for epoch in range(start_epoch, options.num_train_epochs):
+            optimizer.set_epoch(epoch)
+            started = time.time() - within.get("seconds", 0.0)
+            sums = _rank_sums(within.get("sums"))
+            with out_of_memory_hint(f"each step holds {micro} sample(s) per device: raise "
+                                    f"--gradient_accumulation_steps (now {options.gradient_accumulation_steps}) to "
+                                    f"split every batch of {options.batch_size} into smaller steps with the same "
+                                    f"result"):
+                train_loss, train_score = train_one_epoch(
+                    network, train_batches, optimizer, task=task, epoch=epoch, seed=options.seed,
+                    start=within.get("updates", 0), sums=sums,
+                    after_update=functools.partial(after_update, epoch, started), amp=options.amp,
+                    accumulation=options.gradient_accumulation_steps, task_id=options.task_id, scaler=scaler,
+                    show_progress=main)
+            within = {}
+            with out_of_memory_hint(f"lower --eval_batch_size (now {options.eval_batch_size})"):
+                result = evaluate(model, val_batches, task=task, amp=options.amp, task_id=options.task_id)
+            value = result.metric(task)
+            metrics = {"epoch": epoch, "train_loss": train_loss, f"train_{task.metric}": train_score,
+                       "val_loss": result.loss, metric: value, "lr": optimizer.get_lr(),
+                       "seconds": round(time.time() - started, 1)}
+            log(f"Epoch {epoch} done! Train loss: {train_loss:.5f}, Val {task.metric}: {value:.4f}")
+            if main:
+                history.append(metrics)
+                if value > best[metric]:
+                    best = {metric: value, "epoch": epoch}
+                    save_checkpoint(model.state_dict(), run_dir / "best.pdparams")
+                atomic_write(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in history))
+                plot_curves(history, run_dir / "curves.png", task)
+                # last, as the commit point: a run killed before it redoes this epoch, with nothing of it missing
+                save(epoch)
+            _, stop = clock.due()  # a signal during the evaluation: the epoch is saved whole
+            if stop and epoch + 1 < options.num_train_epochs:
+                raise Stopped(f"stopped by {signal.Signals(stop).name} after epoch {epoch}: "
+                              f"{run_dir / 'last.pdparams'} holds it; continue with --resume auto", stop)
     log(f"Best val {task.metric} {best[metric]:.4f} at epoch {best['epoch']}; checkpoints in {run_dir}")
     return metrics
+
+
+def _rank_sums(saved: "list | None") -> tuple:
+    """This rank's (loss, score, samples) totals of a resumed epoch's updates before the stop: its own if the
+    run has as many ranks as the one that saved them, else all of them on rank 0 (the epoch's means stay exact)."""
+    if not saved:
+        return 0.0, 0.0, 0
+    if len(saved) == dist.get_world_size():
+        return tuple(saved[dist.get_rank()])
+    return tuple(map(sum, zip(*saved))) if dist.get_rank() == 0 else (0.0, 0.0, 0)
 
 
 def _resume_path(options: RunOptions):
@@ -386,19 +441,20 @@ def _check_recipe(saved: dict, options: RunOptions, start_epoch: int, resume_pat
             f"(--num_train_epochs): its learning-rate schedule now spans {options.num_train_epochs}")
 
 
-def _check_every_rank_starts_at(start_epoch: int, options: RunOptions) -> None:
+def _check_every_rank_starts_at(position: tuple, options: RunOptions) -> None:
     """Ranks that resumed from different checkpoints (a node that sees no run folder, or another one) would
-    train different models under one name: stop them all with one line instead."""
+    train different models under one name: stop them all with one line instead. `position`: (epoch, update)."""
     if dist.get_world_size() == 1:
         return
     starts: list = []
-    dist.all_gather_object(starts, (start_epoch, socket.gethostname()))
-    if len({epoch for epoch, _ in starts}) > 1:
+    dist.all_gather_object(starts, (tuple(position), socket.gethostname()))
+    if len({start for start, _ in starts}) > 1:
         groups: dict = {}
         for rank, start in enumerate(starts):
             groups.setdefault(start, []).append(rank)
-        where = "; ".join(f"{host}: {_ranks(ranks)} at epoch {epoch}" for (epoch, host), ranks in groups.items())
-        raise OptionsError(f"--resume {options.resume}: the ranks start at different epochs ({where}), as they "
+        where = "; ".join(f"{host}: {_ranks(ranks)} at epoch {epoch}" + (f" update {update}" if update else "")
+                          for ((epoch, update), host), ranks in groups.items())
+        raise OptionsError(f"--resume {options.resume}: the ranks start at different points ({where}), as they "
                            f"do not all see the same {options.run_dir}; put --output_dir on a filesystem every node "
                            f"shares, or copy the run folder to every node before resuming")
 
