@@ -2,6 +2,7 @@ import functools
 import http.server
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import lmdb
 import pytest
 
 from vilbert.demo_data import make_demo_dataset
+from vilbert.features import build_feature_cache
 from vilbert.refer_datasets import feature_files
 
 SCRIPT = Path(__file__).resolve().parents[1] / "download_dataset.sh"
@@ -97,6 +99,26 @@ def test_check_reports_images_without_features(tmp_path, demo_root):
     env.close()
     result = run("--check", "--dataroot", str(root))
     assert result.returncode == 1 and "2 referred images have no record" in result.stdout
+
+
+def test_check_verifies_the_feature_caches_and_names_a_damaged_one(tmp_path, demo_root):
+    root = tmp_path / "root"
+    shutil.copytree(demo_root, root)
+    lmdb_dir = root / "refcoco+_resnet101_faster_rcnn_genome.lmdb"
+    cache = build_feature_cache(lmdb_dir, float16=True, progress=False)
+    intact = run("--check", "--dataroot", str(root))
+    assert intact.returncode == 0, intact.stdout + intact.stderr
+    assert re.search(rf"feature cache +{re.escape(str(cache))}: every checksum matches \([\d.]+ [KM]iB read in [\d.]+ s, ",
+                     intact.stdout)
+    with open(cache, "r+b") as f:  # random bytes behind an intact header, as bit rot or a bad copy leaves
+        f.seek(100)
+        f.write(os.urandom(2000))
+    damaged = run("--check", "--dataroot", str(root))
+    assert damaged.returncode == 1
+    assert re.search(rf"feature cache +{re.escape(str(cache))}: DAMAGED \(below\)", damaged.stdout)
+    assert re.search(rf"PROBLEM: feature cache {re.escape(str(cache))} is damaged: 1 of its \d+ blocks of 4.0 MiB "
+                     rf"fail their checksum \(bytes 64-[\d,]+\), holding features rows 0-\d+ and the spatials, ",
+                     damaged.stdout), damaged.stdout
 
 
 @needs_downloader

@@ -2,11 +2,13 @@
 
 import base64
 import functools
+import json
 import multiprocessing
 import os
 import pickle
 import re
 import shutil
+import struct
 import time
 from pathlib import Path
 
@@ -252,6 +254,96 @@ def test_stale_or_corrupt_cache_falls_back_to_lmdb(two_layouts, tmp_path, caplog
     assert isinstance(open_features(path, cache=False), ImageFeaturesReader)
     with pytest.raises(FileNotFoundError, match="tools/build_feature_cache.py"):
         open_features(path, cache=tmp_path / "absent.cache")
+
+
+def many_images(tmp_path, count=40, boxes=10) -> str:
+    """An LMDB of `count` images of `boxes` boxes each: 40 x 11 rows of float32 features span 3.4 MiB."""
+    rng = np.random.default_rng(1)
+    records = {i: feature_record(i, 100, 100, [[0, 0, 50, 50]] * boxes, random_features(rng, boxes))
+               for i in range(1000, 1000 + count)}
+    return write_lmdb(tmp_path / "many", records)
+
+
+def damage(path, offset: int, count: int) -> None:
+    """Overwrite `count` bytes at `offset` with random ones, leaving size and header intact (as bit rot or a
+    bad copy does)."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(np.random.default_rng(2).integers(0, 256, count, dtype=np.uint8).tobytes())
+
+
+def test_a_damaged_cache_is_refused_naming_the_images_it_holds(tmp_path, monkeypatch):
+    monkeypatch.setattr(features, "CHECKSUM_BLOCK", 256 << 10)  # 14 blocks: damage names a few images
+    path = many_images(tmp_path)
+    cache = build_feature_cache(path, progress=False)
+    FeatureCache(cache, source=path)  # intact: verified, read
+    row = 11 * 2048 * 4  # one image's features
+    at = features.CACHE_ALIGN + 20 * row + 100  # inside image 1020's features
+    damage(cache, at, 1000)
+    with pytest.raises(FeaturesError) as error:
+        FeatureCache(cache, source=path)
+    message = str(error.value)
+    block = (at - features.CACHE_ALIGN) // (256 << 10)
+    start = features.CACHE_ALIGN + block * (256 << 10)
+    assert message.startswith(f"feature cache {cache} is damaged: 1 of its 14 blocks of 256 KiB fail their checksum "
+                              f"(bytes {start:,}-{start + (256 << 10):,}), holding the features of ")
+    ids = message.split("(ids ")[1].split(")")[0].split(", ")
+    assert ids == ["1017", "1018", "1019", "1020"]  # bytes 1.57 to 1.84 MB: images 17.5 to 20.4 of 90,112 bytes each
+    assert message.endswith(f"rebuild it: python tools/build_feature_cache.py {path}") and "\n" not in message
+    damage(cache, json.loads(_header_of(cache))["arrays"]["index"][0], 4)
+    with pytest.raises(FeaturesError, match=r"2 of its 14 blocks of 256 KiB fail their checksum \(bytes 1,572,928-1,835,072, "
+                                                 r"3,407,936-3,621,696\), holding features rows 192-224, 416-440 and "
+                                                 r"the spatials, boxes, index array\(s\); delete it or rebuild it"):
+        FeatureCache(cache)
+
+
+def _header_of(cache) -> bytes:
+    raw = open(cache, "rb").read()
+    offset, length = struct.unpack("<QQ", raw[8:24])
+    return raw[offset:offset + length]
+
+
+def test_a_damaged_cache_is_rebuilt_by_a_run_and_passed_over_by_a_reader(tmp_path, caplog, capsys):
+    path = many_images(tmp_path)
+    cache = open_features(path, build=True)
+    damage(cache.path, 5 << 10, 1 << 10)
+    assert isinstance(open_features(path), ImageFeaturesReader)  # not building: the LMDB, never the damaged file
+    assert f"feature cache {cache.path} is damaged: 1 of its 1 blocks of 4.0 MiB fail" in caplog.text
+    capsys.readouterr()
+    rebuilt = open_features(path, build=True)
+    assert (f"Building the float16 feature cache of {path} at {cache.path} (again: feature cache {cache.path} is "
+            f"damaged: ") in capsys.readouterr().out
+    assert np.array_equal(rebuilt[1003].features, ImageFeaturesReader(path)[1003].features.astype(np.float16))
+
+
+def test_a_damaged_header_and_an_old_version_are_refused(tmp_path):
+    path = many_images(tmp_path, count=2)
+    cache = build_feature_cache(path, progress=False)
+    raw = bytearray(cache.read_bytes())
+    at = raw.index(b'"source_path": "') + 16
+    raw[at] ^= 1  # still JSON, another path
+    cache.write_bytes(bytes(raw))
+    with pytest.raises(FeaturesError, match=r"has a damaged header \(its checksum differs\); delete it or rebuild"):
+        FeatureCache(cache)
+    raw[at] ^= 1
+    header = _header_of(cache).replace(b'"version": 2', b'"version": 1')
+    cache.write_bytes(bytes(raw[:len(raw) - len(header)]) + header)  # a cache of the earlier format
+    with pytest.raises(FeaturesError, match="has version 1, this code reads 2; delete it or rebuild it"):
+        FeatureCache(cache)
+
+
+def test_a_cache_is_read_whole_once_per_process(tmp_path, monkeypatch):
+    path = many_images(tmp_path, count=2)
+    cache = build_feature_cache(path, progress=False)
+    checks = []
+    real = features.FeatureCache.damage
+    monkeypatch.setattr(features.FeatureCache, "damage", lambda self: checks.append(self.path) or real(self))
+    FeatureCache(cache, source=path)
+    FeatureCache(cache, source=path)  # the val split's open: already verified
+    assert checks == [str(cache)]
+    build_feature_cache(path, cache, progress=False)  # a new file: verified again
+    FeatureCache(cache, source=path)
+    assert checks == [str(cache)] * 2
 
 
 def test_failed_build_leaves_nothing(tmp_path):

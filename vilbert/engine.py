@@ -107,12 +107,12 @@ def step_seed(seed: int, epoch: int, step: int) -> int:
 def train_one_epoch(model, loader, optimizer, *, task, epoch: int, seed: int = 0, start: int = 0,
                     sums=(0.0, 0.0, 0), after_update=None, amp: str = "off", accumulation: int = 1,
                     task_id: int = 0, scaler=None, show_progress: bool = True):
-    """One pass over the loader from update `start` on; returns (mean train loss, mean train score) over all ranks'
-    samples. `sums` are this rank's (loss, score, samples) totals of the updates before `start`; after each update,
+    """One pass over the loader, which resumes the epoch at update `start` (its sampler leaves out the micro-batches
+    before: `EpochBatchSampler.set_epoch`); returns (mean train loss, mean train score) over all ranks' samples.
+    `sums` are this rank's (loss, score, samples) totals of the updates before `start`; after each update,
     `after_update(updates done, sums)` runs (the fit loop saves there)."""
     model.train()
     first = start * accumulation
-    loader.batch_sampler.set_epoch(epoch, skip=first)
     total_loss, correct, seen = sums
     bar = progress(loader, f"Epoch {epoch}", enabled=show_progress, initial=first)
     for step, batch in enumerate(bar, first):

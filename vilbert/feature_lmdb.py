@@ -15,6 +15,7 @@ import base64
 import os
 import pickle
 import shutil
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple
@@ -22,7 +23,8 @@ from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple
 import lmdb
 import numpy as np
 
-from .features import (FEATURE_DIM, FeaturesError, decode_record, read_stored, record_layout, stored_keys,
+from .features import (FEATURE_DIM, FeatureCache, FeaturesError, StaleCache, byte_size, decode_record,
+                       default_cache_path, fallback_cache_path, read_stored, record_layout, stored_keys,
                        unpickle_record)
 from .progress import progress as progress_bar
 
@@ -230,6 +232,7 @@ class Audit(NamedTuple):
     feature_width: Optional[int]
     problems: List[str]
     audited: int  # records read back (all of them, or the sample)
+    caches: List[str]  # what each feature cache of the LMDB that exists is: verified, or stale (damage: a problem)
 
     def table(self) -> str:
         layouts = ", ".join(f"{LAYOUT_NAMES[name]}: {count:,}" for name, count in self.layouts.items()) or "-"
@@ -237,8 +240,9 @@ class Audit(NamedTuple):
         read = "" if self.audited == self.records else f", {self.audited:,} of them read back (a sample)"
         rows = [("layout", layouts), ("images", f"{self.listed:,} listed in b'keys', {self.records:,} records{read}"),
                 ("boxes per image", f"{boxes} (the whole-image row not counted)"),
-                ("feature width", str(self.feature_width or "-")),
-                ("problems", str(len(self.problems)) if self.problems else "none")]
+                ("feature width", str(self.feature_width or "-"))]
+        rows += [("feature cache", cache) for cache in self.caches or ["none built yet"]]
+        rows += [("problems", str(len(self.problems)) if self.problems else "none")]
         lines = [f"region-feature LMDB {self.path}"] + [f"  {name:<16} {value}" for name, value in rows]
         return "\n".join(lines + [f"  PROBLEM: {problem}" for problem in self.problems])
 
@@ -297,7 +301,30 @@ def audit_feature_lmdb(path, progress: bool = False, sample: int = 0) -> Audit:
         problems.append("records of both layouts in one LMDB: each official reader reads only its own")
     boxes = (min(counts), float(np.mean(counts)), max(counts)) if counts else None
     return Audit(path, layouts, len(listed), len(stored), boxes, FEATURE_DIM if counts else None, problems,
-                 len(audited))
+                 len(audited), _audit_caches(path, problems))
+
+
+def _audit_caches(path: str, problems: List[str]) -> List[str]:
+    """A line for each feature cache of the LMDB that exists (beside it, or under the user's cache folder), every
+    block read back against its checksum; a damaged one goes to `problems`, by name."""
+    lines = []
+    for cache_path in dict.fromkeys((default_cache_path(path), fallback_cache_path(path))):
+        if not cache_path.exists():
+            continue
+        started = time.perf_counter()
+        try:
+            FeatureCache(cache_path, source=path)  # reads every block
+        except StaleCache as stale:
+            lines.append(f"{stale} (the next train.py or eval.py run builds it again)")
+            continue
+        except FeaturesError as damaged:
+            problems.append(str(damaged))
+            lines.append(f"{cache_path}: DAMAGED (below)")
+            continue
+        seconds, size = time.perf_counter() - started, cache_path.stat().st_size
+        lines.append(f"{cache_path}: every checksum matches ({byte_size(size)} read in {seconds:.2f} s, "
+                     f"{size / 2 ** 30 / max(seconds, 1e-9):.1f} GiB/s)")
+    return lines
 
 
 def _problem(problems: List[str], keys: list, what: str) -> None:

@@ -28,6 +28,8 @@ import shutil
 import struct
 import threading
 import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional, Union
 
@@ -38,19 +40,25 @@ from pyutils.restricted_pickle import RestrictedUnpickler, feature_record_global
 
 from .fileio import atomic_path, file_lock, user_cache, writable
 from .progress import progress as progress_bar
+from .runtime import cpu_threads
 
 FEATURE_DIM = 2048  # pool5_flat of the bottom-up ResNet-101 / ResNeXt-152 detectors
 DOWNLOAD_HINT = "run `bash download_dataset.sh` (or point the features path at the LMDB folder)"
 CACHE_SUFFIX = ".cache"
 CACHE_MAGIC = b"VLBFEAT1"
 CACHE_ALIGN = 64
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: block checksums
 
 log = logging.getLogger(__name__)
 
 
 class FeaturesError(ValueError):
     """A features file that cannot be read: not an LMDB, incomplete, corrupt, or a stale cache."""
+
+
+class StaleCache(FeaturesError):
+    """A feature cache of another version of its LMDB, or written by an earlier version of this code: outdated,
+    not damaged (the next run that builds caches replaces it)."""
 
 
 class ImageNotInFeatures(KeyError):
@@ -114,6 +122,10 @@ def lmdb_signature(path) -> Dict[str, int]:
 
 
 _RECORD_GLOBALS = feature_record_globals()
+
+# The feature caches this process has checked against their checksums, by (realpath, device, inode, size, mtime):
+# the splits of a run share a cache, which is read whole once, not once per split.
+_VERIFIED: set = set()
 
 
 def unpickle_record(data: bytes, what: str):
@@ -308,11 +320,15 @@ def _base64_array(value, rows: int, width: int, field: str, what: str) -> np.nda
 
 # ---------------------------------------------------------------------------------------------------------
 # Decoded cache: one file, written atomically.
-#   [magic 8 B][header offset u64][header length u64][pad to 64]
+#   [magic 8 B][header offset u64][header length u64][header crc32 u32][pad to 64]
 #   features [rows, 2048] (float32 or float16) | spatials [rows, 5] f32 | boxes [rows, 4] f32 |
 #   index [images, 4] int64 (first row, row count, image_w, image_h)      (each array 64-byte aligned)
-#   header: JSON {version, source signature, keys, arrays: {name: [offset, dtype, shape]}}
+#   header: JSON {version, source signature, keys, arrays: {name: [offset, dtype, shape]},
+#                 checksums: {block: bytes, crc32: [one per block of the bytes from 64 to the header]}}
 # ---------------------------------------------------------------------------------------------------------
+CHECKSUM_BLOCK = 4 << 20  # 4 MiB: about 28 images of 36 regions in float16, the finest a damage report names
+
+
 def default_cache_path(lmdb_path) -> Path:
     """Where `build_feature_cache` writes and `open_features` looks: next to the LMDB folder."""
     return Path(os.path.normpath(os.fspath(lmdb_path)) + CACHE_SUFFIX)
@@ -323,25 +339,33 @@ def build_feature_cache(lmdb_path, out=None, *, float16: bool = False, progress:
     reader = ImageFeaturesReader(lmdb_path)
     if not len(reader):
         raise FeaturesError(f"{reader.path} lists no images: nothing to cache")
-    signature = lmdb_signature(lmdb_path)
     out = Path(out) if out else default_cache_path(lmdb_path)
     dtype = np.dtype(np.float16 if float16 else np.float32)
     _check_disk_space(reader, out, dtype)
-    index, spatials, boxes, rows = [], [], [], 0
+    keys = progress_bar(reader.keys(), f"Caching {os.path.basename(reader.path)}", enabled=progress, unit="images")
+    regions = ((key.decode(), reader[key.decode()]) for key in keys)
+    return write_feature_cache(out, regions, float16=float16, source=lmdb_signature(lmdb_path),
+                               source_path=reader.path)
+
+
+def write_feature_cache(out, regions, *, float16: bool, source: dict, source_path: str) -> Path:
+    """Write the cache of `regions`, (image id, RegionFeatures) pairs in the LMDB's key order, atomically to `out`,
+    with the checksum of every `CHECKSUM_BLOCK` bytes."""
+    dtype = np.dtype(np.float16 if float16 else np.float32)
+    keys, index, spatials, boxes, rows = [], [], [], [], 0
     with atomic_path(out) as tmp, open(tmp, "wb") as f:
-        f.write(b"\0" * CACHE_ALIGN)
-        for key in progress_bar(reader.keys(), f"Caching {os.path.basename(reader.path)}", enabled=progress,
-                                unit="images"):
-            region = reader[key.decode()]
+        writer = _ChecksummedWriter(f)
+        for key, region in regions:
             if not np.isfinite(region.features).all():
-                raise FeaturesError(f"image id {key.decode()} of {reader.path} has NaN or infinite features: the "
-                                    f"LMDB is damaged there; extract that image again (tools/convert_features.py)")
+                raise FeaturesError(f"image id {key} of {source_path} has NaN or infinite features: the LMDB is "
+                                    f"damaged there; extract that image again (tools/convert_features.py)")
             with np.errstate(over="ignore"):  # checked just below
                 features = region.features.astype(dtype)
             if float16 and not np.isfinite(features).all():
-                raise FeaturesError(f"image id {key.decode()} has features beyond the float16 range; "
+                raise FeaturesError(f"image id {key} has features beyond the float16 range; "
                                     f"build the cache without --float16")
-            f.write(features.tobytes())
+            writer.write(features)
+            keys.append(key)
             spatials.append(region.spatials)
             boxes.append(region.boxes)
             index.append((rows, region.num_boxes, region.image_w, region.image_h))
@@ -349,18 +373,57 @@ def build_feature_cache(lmdb_path, out=None, *, float16: bool = False, progress:
         arrays = {"features": [CACHE_ALIGN, dtype.str, [rows, FEATURE_DIM]]}
         for name, array in (("spatials", np.concatenate(spatials)), ("boxes", np.concatenate(boxes)),
                             ("index", np.asarray(index, np.int64).reshape(-1, 4))):
-            f.write(b"\0" * (-f.tell() % CACHE_ALIGN))
+            writer.write(bytes(-f.tell() % CACHE_ALIGN))
             arrays[name] = [f.tell(), array.dtype.str, list(array.shape)]
-            f.write(np.ascontiguousarray(array).tobytes())
-        header = json.dumps({"version": CACHE_VERSION, "source": signature, "source_path": reader.path,
-                             "keys": [k.decode() for k in reader.keys()], "arrays": arrays}).encode()
+            writer.write(np.ascontiguousarray(array))
+        header = json.dumps({"version": CACHE_VERSION, "source": source, "source_path": source_path, "keys": keys,
+                             "arrays": arrays, "checksums": writer.checksums()}).encode()
         header_offset = f.tell()
         f.write(header)
         f.seek(0)
-        f.write(CACHE_MAGIC + struct.pack("<QQ", header_offset, len(header)))
+        f.write(CACHE_MAGIC + struct.pack("<QQI", header_offset, len(header), zlib.crc32(header)))
         f.flush()
         os.fsync(f.fileno())
-    return out
+    return Path(out)
+
+
+class _ChecksummedWriter:
+    """Appends to a cache file from byte 64 on, taking the crc32 of every `CHECKSUM_BLOCK` bytes as they pass."""
+
+    def __init__(self, f):
+        self.f, self.done, self.crc, self.filled = f, [], 0, 0
+        f.write(bytes(CACHE_ALIGN))
+
+    def write(self, data) -> None:
+        view = memoryview(data).cast("B")
+        self.f.write(view)
+        while len(view):
+            take = min(len(view), CHECKSUM_BLOCK - self.filled)
+            self.crc, self.filled, view = zlib.crc32(view[:take], self.crc), self.filled + take, view[take:]
+            if self.filled == CHECKSUM_BLOCK:
+                self.done.append(self.crc)
+                self.crc, self.filled = 0, 0
+
+    def checksums(self) -> dict:
+        return {"block": CHECKSUM_BLOCK, "crc32": self.done + ([self.crc] if self.filled else [])}
+
+
+def _ranges(pairs: list) -> str:
+    """[(a, b), ...] as "a-b, c-d" (the first three, then "...")."""
+    return ", ".join(f"{a:,}-{b:,}" for a, b in pairs[:3]) + (", ..." if len(pairs) > 3 else "")
+
+
+def _crc32_of(f, start: int, end: int) -> int:
+    """The crc32 of bytes [start, end) of the open file `f`, read in 1 MiB pieces (both steps release the GIL)."""
+    crc, piece = 0, bytearray(1 << 20)
+    with memoryview(piece) as view:
+        while start < end:
+            count = os.preadv(f.fileno(), [view[:min(len(piece), end - start)]], start)
+            if not count:
+                raise FeaturesError(f"feature cache {f.name} ends at byte {start:,}, before its header: it was "
+                                    f"truncated while being read; rebuild it")
+            crc, start = zlib.crc32(view[:count], crc), start + count
+    return crc
 
 
 def _check_disk_space(reader: ImageFeaturesReader, out: Path, dtype: np.dtype) -> None:
@@ -373,12 +436,12 @@ def _check_disk_space(reader: ImageFeaturesReader, out: Path, dtype: np.dtype) -
     out.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(out.parent).free
     if free < needed:
-        raise FeaturesError(f"not enough disk space for the feature cache {out}: it needs about {_size(needed)} and "
-                            f"{out.parent} has {_size(free)} free; free some space, or read the LMDB directly, more "
+        raise FeaturesError(f"not enough disk space for the feature cache {out}: it needs about {byte_size(needed)} and "
+                            f"{out.parent} has {byte_size(free)} free; free some space, or read the LMDB directly, more "
                             f"slowly, with --no-build_feature_cache")
 
 
-def _size(count: int) -> str:
+def byte_size(count: int) -> str:
     """A byte count as people read it: 3.2 GiB, 45.0 MiB, 812 KiB (never "0.0 GiB")."""
     for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20)):
         if count >= scale:
@@ -389,48 +452,117 @@ def _size(count: int) -> str:
 class FeatureCache(_KeyedStore):
     """`cache[image_id] -> RegionFeatures` from a cache file; the same interface as `ImageFeaturesReader`.
 
-    With `source` (the LMDB folder it was built from), a cache whose source has changed since is refused.
+    With `source` (the LMDB folder it was built from), a cache whose source has changed since is refused. With
+    `verify`, every block's checksum is checked first (once per process and file: `_VERIFIED`), so a damaged
+    cache is refused by name, never read.
     """
 
-    def __init__(self, path, source=None):
+    def __init__(self, path, source=None, verify: bool = True):
         self.path = os.fspath(path)
-        rebuild = f"delete it or rebuild it: python tools/build_feature_cache.py {source or 'LMDB_DIR'}"
-        header = self._read_header(rebuild)
+        self._rebuild = f"delete it or rebuild it: python tools/build_feature_cache.py {source or 'LMDB_DIR'}"
+        header = self._read_header()
         if source is not None and header["source"] != lmdb_signature(source):
-            raise FeaturesError(f"feature cache {self.path} is stale: {source} changed since it was built "
-                                f"(data.mdb size/mtime {header['source']} vs now {lmdb_signature(source)}); {rebuild}")
+            raise StaleCache(f"feature cache {self.path} is stale: {source} changed since it was built "
+                                f"(data.mdb size/mtime {header['source']} vs now {lmdb_signature(source)}); "
+                                f"{self._rebuild}")
         self._keys = [k.encode() for k in header["keys"]]
-        self._arrays_spec = header["arrays"]
+        self._arrays_spec, self._checksums = header["arrays"], header["checksums"]
         self._positions = {k: i for i, k in enumerate(self._keys)}
+        self.dtype = np.dtype(self._arrays_spec["features"][1])
+        self._pid, self._mapped = None, None
+        if verify:
+            self.verify()
         self._index = self._map("index").copy()
         if len(self._index) != len(self._keys):
             raise FeaturesError(f"feature cache {self.path} is corrupt: {len(self._index)} index rows for "
-                                f"{len(self._keys)} keys; {rebuild}")
-        self.dtype = np.dtype(self._arrays_spec["features"][1])
-        self._pid, self._mapped = None, None
+                                f"{len(self._keys)} keys; {self._rebuild}")
 
-    def _read_header(self, rebuild: str) -> dict:
+    def _read_header(self) -> dict:
         size = os.path.getsize(self.path)
         with open(self.path, "rb") as f:
-            preamble = f.read(24)
-            if len(preamble) < 24 or preamble[:8] != CACHE_MAGIC:
-                raise FeaturesError(f"{self.path} is not a feature cache of this version (bad magic); {rebuild}")
-            offset, length = struct.unpack("<QQ", preamble[8:])
+            preamble = f.read(28)
+            if len(preamble) < 28 or preamble[:8] != CACHE_MAGIC:
+                raise FeaturesError(f"{self.path} is not a feature cache of this version (bad magic); {self._rebuild}")
+            offset, length, crc = struct.unpack("<QQI", preamble[8:])
             if offset + length != size:
                 raise FeaturesError(f"feature cache {self.path} is truncated or corrupt "
-                                    f"({size} bytes, header says {offset + length}); {rebuild}")
+                                    f"({size} bytes, header says {offset + length}); {self._rebuild}")
             f.seek(offset)
-            try:
-                header = json.loads(f.read(length))
-            except ValueError:
-                raise FeaturesError(f"feature cache {self.path} has a corrupt header; {rebuild}") from None
+            raw = f.read(length)
+        try:
+            header = json.loads(raw)
+        except ValueError:
+            header = None
+        if not isinstance(header, dict):
+            raise FeaturesError(f"feature cache {self.path} has a corrupt header; {self._rebuild}")
         if header.get("version") != CACHE_VERSION:
-            raise FeaturesError(f"feature cache {self.path} has version {header.get('version')}, "
-                                f"this code reads {CACHE_VERSION}; {rebuild}")
+            raise StaleCache(f"feature cache {self.path} has version {header.get('version')}, this code reads "
+                                f"{CACHE_VERSION}; {self._rebuild}")
+        if zlib.crc32(raw) != crc:
+            raise FeaturesError(f"feature cache {self.path} has a damaged header (its checksum differs); "
+                                f"{self._rebuild}")
         for name, (start, dtype, shape) in header["arrays"].items():
             if start + np.dtype(dtype).itemsize * int(np.prod(shape)) > offset:
-                raise FeaturesError(f"feature cache {self.path} is corrupt: array {name} overruns the file; {rebuild}")
+                raise FeaturesError(f"feature cache {self.path} is corrupt: array {name} overruns the file; "
+                                    f"{self._rebuild}")
+        self._data_end = offset
         return header
+
+    def verify(self) -> None:
+        """Raises FeaturesError naming what is damaged if any block's checksum differs (reads the whole file, on
+        `cpu_threads()` threads: at the speed of the page cache or of the disk)."""
+        stat = os.stat(self.path)
+        identity = (os.path.realpath(self.path), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        if identity in _VERIFIED:
+            return
+        damage = self.damage()
+        if damage:
+            raise FeaturesError(f"feature cache {self.path} is damaged: {damage}; {self._rebuild}")
+        _VERIFIED.add(identity)
+
+    def damage(self) -> "str | None":
+        """Which blocks fail their checksum and what they hold (the images whose features are there, the other
+        arrays); None when every block matches."""
+        block, expected = self._checksums["block"], self._checksums["crc32"]
+        if len(expected) != -(-(self._data_end - CACHE_ALIGN) // block):
+            return f"its header lists {len(expected)} checksums for {self._data_end - CACHE_ALIGN:,} bytes"
+        spans = [(start, min(start + block, self._data_end))
+                 for start in range(CACHE_ALIGN, self._data_end, block)]
+        with open(self.path, "rb") as f, ThreadPoolExecutor(cpu_threads()) as pool:
+            found = list(pool.map(lambda span: _crc32_of(f, *span), spans))
+        bad = [span for span, crc, want in zip(spans, found, expected) if crc != want]
+        if not bad:
+            return None
+        held = self._held_in(bad)
+        return (f"{len(bad)} of its {len(spans)} blocks of {byte_size(block)} fail their checksum (bytes "
+                f"{_ranges(bad)}), holding {held}")
+
+    def _held_in(self, spans: list) -> str:
+        """What byte `spans` of the file hold: the image ids whose features are there, and the other arrays."""
+        parts, arrays = [], []
+        start, dtype, (rows, width) = self._arrays_spec["features"]
+        row_bytes = np.dtype(dtype).itemsize * width
+        first_rows = [(max(a - start, 0) // row_bytes, -(-(min(b, start + rows * row_bytes) - start) // row_bytes))
+                      for a, b in spans if a < start + rows * row_bytes]
+        for name, (offset, kind, shape) in self._arrays_spec.items():
+            end = offset + np.dtype(kind).itemsize * int(np.prod(shape))
+            if name != "features" and any(a < end and b > offset for a, b in spans):
+                arrays.append(name)
+        if first_rows:
+            if "index" in arrays:
+                parts.append(f"features rows {_ranges(first_rows)}")
+            else:
+                index = self._map("index")
+                starts, counts = index[:, 0], index[:, 1]
+                hit = np.zeros(len(index), bool)
+                for low, high in first_rows:
+                    hit |= (starts < high) & (starts + counts > low)
+                ids = [self._keys[i].decode() for i in np.flatnonzero(hit)]
+                parts.append(f"the features of {len(ids):,} image(s) (ids {', '.join(ids[:5])}"
+                             f"{', ...' if len(ids) > 5 else ''})")
+        if arrays:
+            parts.append(f"the {', '.join(arrays)} array(s)")
+        return " and ".join(parts)
 
     def _map(self, name: str) -> np.ndarray:
         start, dtype, shape = self._arrays_spec[name]

@@ -326,6 +326,8 @@ def _fit(options: RunOptions, device: str) -> dict:
         log(f"Note: --amp {options.amp} has no effect on CPU: Paddle's autocast only acts on GPU (and XPU) devices.")
         warnings.filterwarnings("ignore", message="amp_guard can only be enabled")
 
+    clock = SaveClock(options.save_every_minutes)
+
     def save(epoch_done: int, within_epoch: "dict | None" = None) -> None:
         """last.pdparams: resumable after `epoch_done`, or within the epoch after it (`within_epoch`)."""
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -352,10 +354,11 @@ def _fit(options: RunOptions, device: str) -> dict:
 
     history = _read_history(run_dir / "metrics.jsonl", before=start_epoch) if main else []
     metrics = {}
-    clock = SaveClock(options.save_every_minutes)
     with clock.catching_signals():
         for epoch in range(start_epoch, options.num_train_epochs):
+            start = within.get("updates", 0)  # > 0: resumed within this epoch
             optimizer.set_epoch(epoch)
+            train_batches.batch_sampler.set_epoch(epoch, skip=start * options.gradient_accumulation_steps)
             started = time.time() - within.get("seconds", 0.0)
             sums = _rank_sums(within.get("sums"))
             with out_of_memory_hint(f"each step holds {micro} sample(s) per device: raise "
@@ -364,7 +367,7 @@ def _fit(options: RunOptions, device: str) -> dict:
                                     f"result"):
                 train_loss, train_score = train_one_epoch(
                     network, train_batches, optimizer, task=task, epoch=epoch, seed=options.seed,
-                    start=within.get("updates", 0), sums=sums,
+                    start=start, sums=sums,
                     after_update=functools.partial(after_update, epoch, started), amp=options.amp,
                     accumulation=options.gradient_accumulation_steps, task_id=options.task_id, scaler=scaler,
                     show_progress=main)

@@ -98,7 +98,9 @@ def load_instances(path, dataset="refcoco+"):
             text = f.read()
         instances = json.loads(text)
     except json.JSONDecodeError as error:
-        raise _damaged(path, "JSON", text, error.pos >= len(text.rstrip()), str(error), fix) from None
+        # cut short: the parser ran into the end, also from inside a string it had started
+        truncated = error.pos >= len(text.rstrip()) or error.msg.startswith("Unterminated string")
+        raise _damaged(path, "JSON", text, truncated, str(error), fix) from None
     except UnicodeDecodeError as error:
         raise AnnotationError(f"{path} is not JSON (not UTF-8 text: {error}); {fix}") from None
     if not isinstance(instances, dict):
