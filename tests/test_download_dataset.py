@@ -108,8 +108,8 @@ def test_check_verifies_the_feature_caches_and_names_a_damaged_one(tmp_path, dem
     cache = build_feature_cache(lmdb_dir, float16=True, progress=False)
     intact = run("--check", "--dataroot", str(root))
     assert intact.returncode == 0, intact.stdout + intact.stderr
-    assert re.search(rf"feature cache +{re.escape(str(cache))}: every checksum matches \([\d.]+ [KM]iB read in [\d.]+ s, ",
-                     intact.stdout)
+    assert re.search(rf"feature cache +{re.escape(str(cache))}: every checksum matches \([\d.]+ [KM]iB read in "
+                     rf"[\d.]+ s, ", intact.stdout)
     with open(cache, "r+b") as f:  # random bytes behind an intact header, as bit rot or a bad copy leaves
         f.seek(100)
         f.write(os.urandom(2000))

@@ -270,13 +270,17 @@ def damage(path, offset: int, count: int) -> None:
     with open(path, "r+b") as f:
         f.seek(offset)
         f.write(np.random.default_rng(2).integers(0, 256, count, dtype=np.uint8).tobytes())
+    # A later process reads every cache afresh; this one keys what it verified by mtime, whose clock may not have
+    # ticked since the cache was written a moment ago.
+    stat = os.stat(path)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10 ** 9))
 
 
 def test_a_damaged_cache_is_refused_naming_the_images_it_holds(tmp_path, monkeypatch):
     monkeypatch.setattr(features, "CHECKSUM_BLOCK", 256 << 10)  # 14 blocks: damage names a few images
     path = many_images(tmp_path)
     cache = build_feature_cache(path, progress=False)
-    FeatureCache(cache, source=path)  # intact: verified, read
+    FeatureCache(cache, source=path)  # intact: opens
     row = 11 * 2048 * 4  # one image's features
     at = features.CACHE_ALIGN + 20 * row + 100  # inside image 1020's features
     damage(cache, at, 1000)
@@ -291,9 +295,10 @@ def test_a_damaged_cache_is_refused_naming_the_images_it_holds(tmp_path, monkeyp
     assert ids == ["1017", "1018", "1019", "1020"]  # bytes 1.57 to 1.84 MB: images 17.5 to 20.4 of 90,112 bytes each
     assert message.endswith(f"rebuild it: python tools/build_feature_cache.py {path}") and "\n" not in message
     damage(cache, json.loads(_header_of(cache))["arrays"]["index"][0], 4)
-    with pytest.raises(FeaturesError, match=r"2 of its 14 blocks of 256 KiB fail their checksum \(bytes 1,572,928-1,835,072, "
-                                                 r"3,407,936-3,621,696\), holding features rows 192-224, 416-440 and "
-                                                 r"the spatials, boxes, index array\(s\); delete it or rebuild it"):
+    with pytest.raises(FeaturesError, match=r"2 of its 14 blocks of 256 KiB fail their checksum \(bytes "
+                                            r"1,572,928-1,835,072, 3,407,936-3,621,696\), holding features rows "
+                                            r"192-224, 416-440 and the spatials, boxes, index array\(s\); delete "
+                                            r"it or rebuild it"):
         FeatureCache(cache)
 
 
@@ -334,16 +339,17 @@ def test_a_damaged_header_and_an_old_version_are_refused(tmp_path):
 
 def test_a_cache_is_read_whole_once_per_process(tmp_path, monkeypatch):
     path = many_images(tmp_path, count=2)
-    cache = build_feature_cache(path, progress=False)
     checks = []
     real = features.FeatureCache.damage
     monkeypatch.setattr(features.FeatureCache, "damage", lambda self: checks.append(self.path) or real(self))
-    FeatureCache(cache, source=path)
-    FeatureCache(cache, source=path)  # the val split's open: already verified
+    cache = build_feature_cache(path, progress=False)
+    FeatureCache(cache, source=path)  # written by this process: its checksums are of these very bytes
+    assert checks == []
+    stat = os.stat(cache)
+    os.utime(cache, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10 ** 9))  # changed since (as by another process)
+    FeatureCache(cache, source=path)  # the train split's open: read whole
+    FeatureCache(cache, source=path)  # the val split's: already verified
     assert checks == [str(cache)]
-    build_feature_cache(path, cache, progress=False)  # a new file: verified again
-    FeatureCache(cache, source=path)
-    assert checks == [str(cache)] * 2
 
 
 def test_failed_build_leaves_nothing(tmp_path):

@@ -123,8 +123,8 @@ def lmdb_signature(path) -> Dict[str, int]:
 
 _RECORD_GLOBALS = feature_record_globals()
 
-# The feature caches this process has checked against their checksums, by (realpath, device, inode, size, mtime):
-# the splits of a run share a cache, which is read whole once, not once per split.
+# The feature caches this process has checked against their checksums, or written, by `_file_identity`: the splits
+# of a run share a cache, which is read whole once, not once per split (nor right after it was built).
 _VERIFIED: set = set()
 
 
@@ -145,9 +145,14 @@ _ENVIRONMENTS: Dict[str, tuple] = {}  # realpath -> (identity of data.mdb, envir
 _ENVIRONMENTS_LOCK = threading.Lock()
 
 
-def _lmdb_identity(path: str) -> tuple:
-    stat = os.stat(os.path.join(path, "data.mdb"))
+def _file_identity(path) -> tuple:
+    """(device, inode, size, mtime): what changes when a file is replaced or rewritten."""
+    stat = os.stat(path)
     return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+def _lmdb_identity(path: str) -> tuple:
+    return _file_identity(os.path.join(path, "data.mdb"))
 
 
 def _environment(path: str, identity: tuple) -> "lmdb.Environment":
@@ -384,6 +389,7 @@ def write_feature_cache(out, regions, *, float16: bool, source: dict, source_pat
         f.write(CACHE_MAGIC + struct.pack("<QQI", header_offset, len(header), zlib.crc32(header)))
         f.flush()
         os.fsync(f.fileno())
+    _VERIFIED.add(_file_identity(out))  # its checksums were taken from the bytes written
     return Path(out)
 
 
@@ -436,9 +442,9 @@ def _check_disk_space(reader: ImageFeaturesReader, out: Path, dtype: np.dtype) -
     out.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(out.parent).free
     if free < needed:
-        raise FeaturesError(f"not enough disk space for the feature cache {out}: it needs about {byte_size(needed)} and "
-                            f"{out.parent} has {byte_size(free)} free; free some space, or read the LMDB directly, more "
-                            f"slowly, with --no-build_feature_cache")
+        raise FeaturesError(f"not enough disk space for the feature cache {out}: it needs about {byte_size(needed)} "
+                            f"and {out.parent} has {byte_size(free)} free; free some space, or read the LMDB "
+                            f"directly, more slowly, with --no-build_feature_cache")
 
 
 def byte_size(count: int) -> str:
@@ -463,8 +469,8 @@ class FeatureCache(_KeyedStore):
         header = self._read_header()
         if source is not None and header["source"] != lmdb_signature(source):
             raise StaleCache(f"feature cache {self.path} is stale: {source} changed since it was built "
-                                f"(data.mdb size/mtime {header['source']} vs now {lmdb_signature(source)}); "
-                                f"{self._rebuild}")
+                             f"(data.mdb size/mtime {header['source']} vs now {lmdb_signature(source)}); "
+                             f"{self._rebuild}")
         self._keys = [k.encode() for k in header["keys"]]
         self._arrays_spec, self._checksums = header["arrays"], header["checksums"]
         self._positions = {k: i for i, k in enumerate(self._keys)}
@@ -497,7 +503,7 @@ class FeatureCache(_KeyedStore):
             raise FeaturesError(f"feature cache {self.path} has a corrupt header; {self._rebuild}")
         if header.get("version") != CACHE_VERSION:
             raise StaleCache(f"feature cache {self.path} has version {header.get('version')}, this code reads "
-                                f"{CACHE_VERSION}; {self._rebuild}")
+                             f"{CACHE_VERSION}; {self._rebuild}")
         if zlib.crc32(raw) != crc:
             raise FeaturesError(f"feature cache {self.path} has a damaged header (its checksum differs); "
                                 f"{self._rebuild}")
@@ -511,8 +517,7 @@ class FeatureCache(_KeyedStore):
     def verify(self) -> None:
         """Raises FeaturesError naming what is damaged if any block's checksum differs (reads the whole file, on
         `cpu_threads()` threads: at the speed of the page cache or of the disk)."""
-        stat = os.stat(self.path)
-        identity = (os.path.realpath(self.path), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        identity = _file_identity(self.path)
         if identity in _VERIFIED:
             return
         damage = self.damage()

@@ -78,4 +78,3 @@ class SaveClock:
 
     def saved(self) -> None:
         self.last_save = time.monotonic()
-
